@@ -1,0 +1,87 @@
+"""Registry of differentiable attributors: ``available()`` and ``create(name, model, **options)``.
+
+Every attributor is called as ``output, relevance = explain(x, target)``; the relevance
+is differentiable in ``x`` (see :mod:`manip_bench.attributors.base`).
+"""
+import difflib
+import inspect
+
+from ..errors import ManipBenchError
+from . import captum, zennit
+from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
+
+_CLASSES = (
+    captum.Saliency, captum.InputXGradient, captum.IntegratedGradients, captum.SmoothGrad,
+    captum.GradientShap, captum.GuidedBackprop, captum.Deconvolution, captum.DeepLift,
+    zennit.CaptumLRP, zennit.EpsilonLRP, zennit.EpsilonPlusFlatLRP, zennit.EpsilonPlusLRP,
+    zennit.Alpha2Beta1LRP, zennit.EpsilonGammaBoxLRP, zennit.GammaPerBlockLRP, zennit.PaperLRP,
+)
+REGISTRY = {cls.name: cls for cls in _CLASSES}
+
+#: named groups of registry names, for grids and the CLI
+GROUPS = {
+    "gradient": [n for n, c in REGISTRY.items() if c.needs_softplus and c.attackable],
+    "lrp": [n for n, c in REGISTRY.items() if issubclass(c, zennit.ZennitAttributor)],
+}
+GROUPS["all"] = sorted(n for n, c in REGISTRY.items() if c.attackable)
+
+
+def register(cls):
+    """Add an :class:`Attributor` subclass to the registry under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available():
+    """Sorted list of registry names."""
+    return sorted(REGISTRY)
+
+
+def get_class(name):
+    """The attributor class registered as ``name`` (clear error with a close match if unknown)."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(str(name), REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ManipBenchError(
+            f"unknown attributor {name!r}.{hint} Available: {', '.join(available())}")
+    return REGISTRY[name]
+
+
+def options(name):
+    """Keyword options ``create(name, model, ...)`` accepts, with their defaults."""
+    signature = inspect.signature(get_class(name).__init__)
+    return {key: p.default for key, p in signature.parameters.items()
+            if key not in ("self", "model") and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def create(name, model, **opts):
+    """Build the attributor ``name`` on a private copy of ``model``.
+
+    ``smooth_beta`` (gradient-type methods) computes the map on the Softplus(beta)
+    network: the paper's beta-smoothing defence.
+    """
+    cls = get_class(name)
+    unknown = sorted(set(opts) - set(options(name)))
+    if "smooth_beta" in unknown and opts["smooth_beta"] is not None:
+        raise ManipBenchError(f"{name}: beta-smoothing applies to gradient-type methods only "
+                              f"({', '.join(GROUPS['gradient'])})")
+    unknown = [key for key in unknown if not (key == "smooth_beta" and opts[key] is None)]
+    opts = {key: value for key, value in opts.items() if key not in unknown}
+    if unknown:
+        raise ManipBenchError(f"{name} does not take option(s) {', '.join(unknown)}; "
+                              f"it takes: {', '.join(options(name)) or 'none'}")
+    return cls(model, **opts)
+
+
+def describe():
+    """One row per attributor: name, library, rule, needs softplus, attackable."""
+    return [
+        {"name": n, "library": c.library, "rule": c.rule, "needs_softplus": c.needs_softplus,
+         "attackable": c.attackable}
+        for n, c in sorted(REGISTRY.items())
+    ]
+
+
+__all__ = ["Attributor", "GROUPS", "REGISTRY", "SmoothReLU", "available", "conservation_gap",
+           "create", "describe", "get_class", "options", "prepare_model", "register",
+           "total_relevance"]

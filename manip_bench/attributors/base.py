@@ -1,0 +1,218 @@
+"""The attributor protocol and the model preparation every attributor shares.
+
+An attributor is called as ``output, relevance = explain(x, target)``. The relevance is
+differentiable in ``x`` with correct second-order terms, so a loss on it can be minimised
+over ``x`` (double backpropagation). Every attributor works on a private copy of the
+caller's model: the caller's module, parameters, hooks and mode are never touched.
+"""
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ManipBenchError
+
+
+class _RuleBackward(torch.autograd.Function):
+    """ReLU/softplus whose backward follows ``module.backward_rule`` while ``module.rule_active``.
+
+    The rule (guided backprop, deconvolution) must shape only the explanation's own
+    backward pass. Any later backward through the forward path (the attack's second
+    backward) gets the true derivative, because the rule is switched off by then. Both
+    backwards are written in differentiable operations, so the explanation's backward
+    can itself be differentiated (``create_graph=True``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.save_for_backward(x)
+        ctx.module, ctx.beta = module, module.beta
+        return F.relu(x) if module.beta is None else F.softplus(x, module.beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        local = (x > 0).to(grad.dtype) if ctx.beta is None else torch.sigmoid(ctx.beta * x)
+        rule = ctx.module.backward_rule if ctx.module.rule_active else None
+        if rule == "deconv":
+            return grad.clamp(min=0), None
+        if rule == "guided":
+            return grad.clamp(min=0) * local, None
+        return grad * local, None
+
+
+class SmoothReLU(nn.ReLU):
+    """A ReLU that becomes Softplus(beta) when ``beta`` is set (cheap to change per step).
+
+    ``backward_rule`` ("guided" or "deconv") replaces the backward pass while
+    ``rule_active`` is set (guided backpropagation, deconvolution). Being an ``nn.ReLU``
+    subclass, Zennit and Captum still treat it as an activation.
+    """
+
+    def __init__(self):
+        super().__init__(inplace=False)
+        self.beta = None
+        self.backward_rule = None
+        self.rule_active = False
+
+    def forward(self, x):
+        if self.backward_rule is not None:
+            return _RuleBackward.apply(x, self)
+        return F.relu(x) if self.beta is None else F.softplus(x, self.beta)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, backward_rule={self.backward_rule}"
+
+
+def prepare_model(model, swap_relu=True):
+    """Return a private copy of ``model``: eval mode, frozen, ReLUs swapped for ``SmoothReLU``.
+
+    In-place activations become out-of-place (double backprop needs the inputs).
+    Functional ``F.relu`` calls inside ``forward`` cannot be swapped; attributors that
+    need the swap report a model without ``nn.ReLU`` modules as an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise ManipBenchError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    try:
+        prepared = copy.deepcopy(model)
+    except Exception as error:  # noqa: BLE001 - any deepcopy failure means the same to the user
+        raise ManipBenchError(f"cannot copy the model ({error}); manip-bench never modifies "
+                              "the caller's model and needs a deep-copyable nn.Module") from error
+    prepared.eval()
+    for parameter in prepared.parameters():
+        parameter.requires_grad_(False)
+    for parent in list(prepared.modules()):
+        for name, child in list(parent.named_children()):
+            if swap_relu and type(child) is nn.ReLU:
+                setattr(parent, name, SmoothReLU())
+            elif hasattr(child, "inplace"):
+                child.inplace = False
+    return prepared
+
+
+def smooth_activations(model):
+    """The ``SmoothReLU`` modules of a prepared model."""
+    return [module for module in model.modules() if isinstance(module, SmoothReLU)]
+
+
+def total_relevance(relevance):
+    """Sum of the relevance per sample, shape (N,)."""
+    return relevance.flatten(1).sum(1)
+
+
+def conservation_gap(output, relevance, target):
+    """Target logit minus total relevance per sample (zero for a conserving LRP rule)."""
+    return output.gather(1, target.view(-1, 1)).squeeze(1) - total_relevance(relevance)
+
+
+class Attributor:
+    """Base class: ``explain(x, target) -> (output, relevance)``, differentiable in ``x``.
+
+    Subclasses implement :meth:`attribute` and declare facts the attack engine reads:
+
+    ``library``, ``rule``
+        where the method comes from and what it computes (for tables).
+    ``needs_softplus``
+        the map of a ReLU network has zero derivative in ``x``; the attack swaps
+        ReLU for Softplus(beta) (and ``smooth_beta`` gives the beta-smoothing defence).
+    ``attackable``
+        False when the map is locally constant in ``x`` (no attack can move it).
+    """
+
+    name = ""
+    library = ""
+    rule = ""
+    needs_softplus = False
+    attackable = True
+    not_attackable_reason = ""
+    swap_relu = True
+
+    def __init__(self, model, smooth_beta=None):
+        self.model = prepare_model(model, self.swap_relu)
+        self.activations = smooth_activations(self.model)
+        if smooth_beta is not None:
+            self._check_beta(smooth_beta)
+        self.smooth_beta = smooth_beta
+        self.set_beta(smooth_beta)
+        self._num_classes = {}
+
+    def _check_beta(self, beta):
+        if not self.needs_softplus:
+            raise ManipBenchError(
+                f"{self.name}: beta-smoothing applies to gradient-type methods only "
+                "(LRP rules on a softplus network do not conserve relevance)")
+        if not self.activations:
+            raise ManipBenchError(
+                f"{self.name}: the model has no nn.ReLU modules to smooth (functional F.relu "
+                "calls cannot be swapped); rewrite the model with nn.ReLU modules")
+        if not beta > 0:
+            raise ManipBenchError(f"beta must be positive, got {beta}")
+
+    def set_beta(self, beta):
+        """Use Softplus(beta) instead of ReLU from now on (``None``: back to ReLU)."""
+        if beta is not None:
+            self._check_beta(beta)
+        for activation in self.activations:
+            activation.beta = beta
+
+    @property
+    def device(self):
+        tensor = next(self.model.parameters(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def __call__(self, x, target):
+        x, target = self._check_input(x, target)
+        return self.attribute(x, target)
+
+    def attribute(self, x, target):
+        """Return ``(output, relevance)`` for validated ``x`` (N, C, H, W) and ``target`` (N,)."""
+        raise NotImplementedError
+
+    def _check_input(self, x, target):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ManipBenchError("x must be a floating-point torch.Tensor of shape (N, C, H, W)")
+        if x.dim() != 4:
+            raise ManipBenchError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ManipBenchError(f"x is on {x.device} but the model is on {self.device}; "
+                                  "move them to the same device")
+        if isinstance(target, int):
+            target = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+        if not isinstance(target, torch.Tensor) or target.dtype not in (torch.long, torch.int):
+            raise ManipBenchError("target must be an int or an integer tensor of shape (N,)")
+        target = target.to(device=x.device, dtype=torch.long).reshape(-1)
+        if target.shape[0] != x.shape[0]:
+            raise ManipBenchError(
+                f"target has {target.shape[0]} entries for a batch of {x.shape[0]} images")
+        num_classes = self.num_classes(x)
+        if target.min() < 0 or target.max() >= num_classes:
+            raise ManipBenchError(f"target must be a class index in [0, {num_classes}), "
+                                  f"got {target.tolist()}")
+        return x, target
+
+    def num_classes(self, x):
+        """Number of model outputs for inputs shaped like ``x`` (one small forward per new shape)."""
+        shape = tuple(x.shape[1:])
+        if shape not in self._num_classes:
+            try:
+                with torch.no_grad():
+                    output = self.model(x[:1].detach())
+            except RuntimeError as error:
+                raise ManipBenchError(
+                    f"the model cannot take input of shape {tuple(x.shape)}: {error}") from error
+            if output.dim() != 2:
+                raise ManipBenchError(
+                    f"the model must return logits of shape (N, classes), got {tuple(output.shape)}")
+            self._num_classes[shape] = output.shape[1]
+        return self._num_classes[shape]
+
+
+def input_with_grad(x):
+    """``x`` itself when it is part of a graph, else a detached copy that requires grad."""
+    return x if x.requires_grad else x.detach().requires_grad_()
+
+
+def one_hot(target, output):
+    """One-hot rows of ``target`` shaped and typed like ``output``."""
+    return F.one_hot(target, output.shape[1]).to(output.dtype)

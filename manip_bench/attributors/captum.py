@@ -1,0 +1,209 @@
+"""Captum attribution methods made differentiable in the input.
+
+Captum 0.9.0 computes gradients without ``create_graph`` (``compute_gradients``), so a
+loss on its maps either has no graph or a silently wrong one. Each adapter here runs
+Captum's own method with the instance's ``gradient_func`` replaced by one that keeps
+the graph. Where Captum breaks the graph elsewhere (NoiseTunnel's ``no_grad`` loop,
+guided backprop's dropped hook handles), the adapter reproduces Captum's computation
+with graph-keeping pieces and is tested against Captum's output.
+"""
+import contextlib
+
+import numpy as np
+import torch
+from captum._utils.common import _run_forward
+from captum.attr import (
+    DeepLift as CaptumDeepLift,
+    InputXGradient as CaptumInputXGradient,
+    IntegratedGradients as CaptumIntegratedGradients,
+    Saliency as CaptumSaliency,
+)
+from captum.attr._core.gradient_shap import InputBaselineXGradient
+
+from .base import Attributor, input_with_grad, one_hot
+
+
+def differentiable_gradients(forward_fn, inputs, target_ind=None, additional_forward_args=None):
+    """Drop-in for Captum's ``compute_gradients`` that keeps the graph (``create_graph=True``)."""
+    with torch.enable_grad():
+        outputs = _run_forward(forward_fn, inputs, target_ind, additional_forward_args)
+        return torch.autograd.grad(outputs.sum(), inputs, create_graph=True)
+
+
+@contextlib.contextmanager
+def captured_output(model, x):
+    """Record the model's output for input ``x`` while a Captum method runs (saves a forward)."""
+    captured = {}
+
+    def hook(module, inputs, output):
+        if inputs and inputs[0] is x and "output" not in captured:
+            captured["output"] = output
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class CaptumAttributor(Attributor):
+    """Runs ``method_class(model).attribute(x, target=..., **kwargs)`` with a graph-keeping gradient."""
+
+    library = "captum"
+    needs_softplus = True
+    method_class = None
+
+    def __init__(self, model, smooth_beta=None, **attribute_kwargs):
+        super().__init__(model, smooth_beta)
+        self.method = self.method_class(self.model)
+        self.method.gradient_func = differentiable_gradients
+        self.attribute_kwargs = attribute_kwargs
+
+    def attribute(self, x, target):
+        x = input_with_grad(x)
+        with captured_output(self.model, x) as captured:
+            relevance = self.method.attribute(x, target=target, **self.attribute_kwargs)
+        output = captured["output"] if "output" in captured else self.model(x)
+        return output, relevance
+
+
+class Saliency(CaptumAttributor):
+    """Gradient of the target logit (absolute value by default, as Captum)."""
+
+    name, rule, method_class = "captum.saliency", "|gradient|", CaptumSaliency
+
+    def __init__(self, model, smooth_beta=None, abs=True):  # noqa: A002 - Captum's name
+        super().__init__(model, smooth_beta, abs=abs)
+
+
+class InputXGradient(CaptumAttributor):
+    """Input times gradient."""
+
+    name, rule, method_class = "captum.input_x_gradient", "input x gradient", CaptumInputXGradient
+
+
+class IntegratedGradients(CaptumAttributor):
+    """Integrated gradients from a zero baseline (``steps`` points, the paper uses 30)."""
+
+    name, rule, method_class = ("captum.integrated_gradients", "integrated gradients",
+                                CaptumIntegratedGradients)
+
+    def __init__(self, model, smooth_beta=None, steps=30, method="gausslegendre"):
+        super().__init__(model, smooth_beta, n_steps=steps, method=method)
+
+
+class NoisyAttributor(CaptumAttributor):
+    """Average of a Captum method over noisy copies of the input, graph kept.
+
+    Draws random numbers in the same order as Captum's ``NoiseTunnel`` (and GradientShap's
+    baseline draw), so with the same seeds it returns Captum's map exactly.
+    """
+
+    draw_baselines = False
+
+    def __init__(self, model, smooth_beta=None, samples=10, stdev=0.05):
+        super().__init__(model, smooth_beta)
+        self.samples, self.stdev = int(samples), float(stdev)
+
+    def attribute(self, x, target):
+        x = input_with_grad(x)
+        n = self.samples
+        kwargs = {}
+        if self.draw_baselines:
+            baselines = torch.zeros_like(x[:1])
+            kwargs["baselines"] = baselines[np.random.choice(1, n * x.shape[0]).tolist()]
+        shape = (x.shape[0] * n,) + tuple(x.shape[1:])
+        noise = torch.normal(0, torch.tensor(self.stdev, device=x.device).repeat(shape))
+        noisy = x.repeat_interleave(n, dim=0) + noise.to(x.dtype)
+        relevance = self.method.attribute(noisy, target=target.repeat_interleave(n), **kwargs)
+        relevance = relevance.view(x.shape[0], n, *x.shape[1:]).mean(1)
+        return self.model(x), relevance
+
+
+class SmoothGrad(NoisyAttributor):
+    """SmoothGrad: mean |gradient| over Gaussian noise (Captum NoiseTunnel over Saliency)."""
+
+    name, rule, method_class = "captum.smoothgrad", "SmoothGrad over |gradient|", CaptumSaliency
+
+
+class GradientShap(NoisyAttributor):
+    """GradientSHAP with a zero baseline (Captum's ``GradientShap``)."""
+
+    name, rule, method_class = "captum.gradient_shap", "GradientSHAP", InputBaselineXGradient
+    draw_baselines = True
+
+    def __init__(self, model, smooth_beta=None, samples=5, stdev=0.0):
+        super().__init__(model, smooth_beta, samples, stdev)
+
+
+class ModifiedBackprop(Attributor):
+    """Gradient with the ReLU backward replaced by a rule (guided backprop, deconvolution).
+
+    Captum hooks only ``nn.ReLU`` (on a softplus network its guided backprop is the plain
+    gradient) and its tensor hooks fire again in a second backward; here the rule lives in
+    the activation's own differentiable backward, for ReLU and Softplus(beta) alike.
+    """
+
+    library = "captum"
+    needs_softplus = True
+    backward_rule = None
+
+    def __init__(self, model, smooth_beta=None):
+        super().__init__(model, smooth_beta)
+        for activation in self.activations:
+            activation.backward_rule = self.backward_rule
+
+    @contextlib.contextmanager
+    def rule_active(self):
+        """Apply the backward rule to the explanation's own backward pass only."""
+        for activation in self.activations:
+            activation.rule_active = True
+        try:
+            yield
+        finally:
+            for activation in self.activations:
+                activation.rule_active = False
+
+    def attribute(self, x, target):
+        x = input_with_grad(x)
+        with torch.enable_grad():
+            output = self.model(x)
+            with self.rule_active():
+                (relevance,) = torch.autograd.grad(
+                    output, x, one_hot(target, output), create_graph=True)
+        return output, relevance
+
+
+class GuidedBackprop(ModifiedBackprop):
+    """Guided backpropagation (equals Captum's ``GuidedBackprop`` on the ReLU network)."""
+
+    name, rule, backward_rule = "captum.guided_backprop", "guided backprop", "guided"
+
+
+class Deconvolution(ModifiedBackprop):
+    """Deconvolution: its map is locally constant in x, so it cannot be attacked."""
+
+    name, rule, backward_rule = "captum.deconvolution", "deconvolution", "deconv"
+    attackable = False
+    not_attackable_reason = "its map is locally constant in x (zero derivative)"
+
+
+class DeepLift(Attributor):
+    """Captum's DeepLift (Rescale rule, zero baseline); explanation only.
+
+    Captum's DeepLift detaches its multipliers, so this map has no derivative in x here.
+    """
+
+    name, library, rule = "captum.deeplift", "captum", "DeepLIFT rescale"
+    swap_relu = False  # Captum's DeepLift recognises exact nn.ReLU modules only
+    attackable = False
+    not_attackable_reason = "Captum's DeepLift detaches its multipliers (no derivative in x)"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.method = CaptumDeepLift(self.model)
+
+    def attribute(self, x, target):
+        relevance = self.method.attribute(x.detach().requires_grad_(), target=target)
+        with torch.no_grad():
+            return self.model(x), relevance.detach()

@@ -1,0 +1,268 @@
+"""Train the embedded CIFAR-10 classifier and save its batch-norm-folded weights.
+
+Usage::
+
+    python -m manip_bench.models.train_cifar --data DIR --out cifar_vgg.pt
+    python -m manip_bench.models.train_cifar --download DIR --out cifar_vgg.pt
+
+``--data`` takes an ImageFolder tree ``DIR/{train,test}/<class>/*.jpg`` with the
+ten CIFAR-10 class names; ``--download`` fetches the dataset with torchvision.
+All images are decoded once into a uint8 tensor that stays on the device, and
+augmentation (4-pixel-padded random crop, horizontal flip) runs on tensors.
+``CifarVGG(batch_norm=True)`` is trained, its batch norm folded into the
+convolutions, and only the folded model's float32 ``state_dict`` is saved.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manip_bench.errors import ManipBenchError
+from manip_bench.models.cifar_vgg import CIFAR10_CLASSES, CifarVGG, fold_batch_norm
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="ImageFolder root holding train/ and test/")
+    source.add_argument("--download", metavar="DIR",
+                        help="download CIFAR-10 with torchvision into DIR")
+    parser.add_argument("--out", required=True, help="where to save the folded state_dict")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.1, help="peak one-cycle learning rate")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use a random subset of at most this many images per split (smoke tests)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding JPEGs")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed):
+    """Seed every random generator the training touches."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ManipBenchError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def subset(items, limit, seed):
+    """A seeded random subset of ``items`` of at most ``limit`` elements, order kept."""
+    if limit is None or limit >= len(items):
+        return items
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(items), generator=generator)[:limit].sort().values
+    return [items[i] for i in keep.tolist()]
+
+
+def show_progress(label, done, total):
+    """One progress line, redrawn in place on a terminal, printed once at the end otherwise."""
+    if sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\r{label}: {done}/{total} ({100 * done // total}%)", end=end, file=sys.stderr, flush=True)
+    elif done == total:
+        print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+def decode_image(path):
+    from torchvision.datasets.folder import default_loader
+
+    array = np.asarray(default_loader(path), dtype=np.uint8)
+    if array.shape != (32, 32, 3):
+        raise ManipBenchError(f"{path}: expected a 32x32 RGB image, got shape {array.shape}")
+    return array
+
+
+def load_image_folder(root, limit, seed, workers):
+    """Decode ``root/<class>/*`` into ``(uint8 N x 3 x 32 x 32, int64 N)`` tensors."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise ManipBenchError(f"{root}: no such folder; --data needs train/ and test/ inside")
+    folder = ImageFolder(root)
+    if sorted(folder.classes) != sorted(CIFAR10_CLASSES):
+        raise ManipBenchError(f"{root}: class folders {folder.classes} are not the CIFAR-10 classes")
+    to_label = [CIFAR10_CLASSES.index(name) for name in folder.classes]
+    samples = subset(folder.samples, limit, seed)
+    label = f"decoding {root}"
+    images = np.empty((len(samples), 32, 32, 3), dtype=np.uint8)
+    step = max(1, len(samples) // 100)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i, array in enumerate(pool.map(decode_image, (path for path, _ in samples), chunksize=256)):
+            images[i] = array
+            if (i + 1) % step == 0 or i + 1 == len(samples):
+                show_progress(label, i + 1, len(samples))
+    labels = torch.tensor([to_label[target] for _, target in samples], dtype=torch.int64)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def load_torchvision(root, train, limit, seed):
+    """CIFAR-10 through ``torchvision.datasets.CIFAR10(download=True)``, as tensors."""
+    from torchvision.datasets import CIFAR10
+
+    dataset = CIFAR10(root, train=train, download=True)
+    if list(dataset.classes) != list(CIFAR10_CLASSES):
+        raise ManipBenchError(f"torchvision's CIFAR-10 classes {dataset.classes} are not the expected ones")
+    keep = subset(list(range(len(dataset.targets))), limit, seed)
+    images = torch.from_numpy(dataset.data[keep]).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets, dtype=torch.int64)[keep]
+
+
+def load_data(args):
+    """``{"train": (images, labels), "test": (images, labels)}`` on the CPU."""
+    data = {}
+    for offset, split in enumerate(("train", "test")):
+        seed = args.seed + offset
+        if args.data is not None:
+            data[split] = load_image_folder(os.path.join(args.data, split), args.limit, seed, args.workers)
+        else:
+            data[split] = load_torchvision(args.download, split == "train", args.limit, seed)
+    return data
+
+
+def augment(images, padding=4):
+    """Random crop from a zero-padded copy plus random horizontal flip, in one gather."""
+    n, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device)
+    flip = torch.rand(n, 1, 1, device=device) < 0.5
+    rows = torch.arange(height, device=device).view(1, height, 1) + dy
+    columns = torch.arange(width, device=device).view(1, 1, width)
+    columns = torch.where(flip, width - 1 - columns, columns) + dx
+    batch = torch.arange(n, device=device).view(n, 1, 1)
+    # advanced indices split by a slice: the result is N x H x W x C
+    return padded[batch, :, rows, columns].permute(0, 3, 1, 2)
+
+
+def to_float(images):
+    return images.float().div_(255)
+
+
+@torch.no_grad()
+def predict(model, images, batch_size=1000):
+    """Class predictions of ``model`` (in eval mode) for uint8 images."""
+    model.eval()
+    return torch.cat([model(to_float(images[i:i + batch_size])).argmax(1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def accuracy(predictions, labels):
+    return (predictions == labels).float().mean().item()
+
+
+def make_optimizer(model, lr, weight_decay):
+    """Nesterov SGD; biases and batch-norm parameters get no weight decay."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def train(model, data, args, device):
+    """One-cycle training; prints the loss and, every ``--eval-every`` epochs, test accuracy."""
+    train_images, train_labels = data["train"]
+    test_images, test_labels = data["test"]
+    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_images), device=device)
+        total_loss = torch.zeros((), device=device)
+        for start in range(0, len(order), args.batch_size):
+            index = order[start:start + args.batch_size]
+            inputs = to_float(augment(train_images[index]))
+            loss = criterion(model(inputs), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.detach() * len(index)
+        message = f"epoch {epoch:3d}/{args.epochs}  loss {total_loss.item() / len(order):.4f}"
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            message += f"  test acc {accuracy(predict(model, test_images), test_labels):.4f}"
+        print(message, flush=True)
+
+
+def fold_and_check(model, test_images, test_labels):
+    """Fold batch norm and check the folded model classifies the test set the same way."""
+    reference = predict(model, test_images)
+    folded = fold_batch_norm(model).to(test_images.device)
+    predictions = predict(folded, test_images)
+    disagree = (predictions != reference).sum().item()
+    acc, folded_acc = accuracy(reference, test_labels), accuracy(predictions, test_labels)
+    print(f"batch-norm model test acc {acc:.4f}, folded {folded_acc:.4f}, "
+          f"{disagree} of {len(test_labels)} predictions differ", flush=True)
+    if abs(acc - folded_acc) > 1e-3:
+        raise RuntimeError("folding batch norm changed the test accuracy")
+    return folded, folded_acc
+
+
+def save_weights(folded, path):
+    """Save the folded float32 state_dict and check it loads into ``CifarVGG()``."""
+    state = {name: tensor.detach().cpu().float().contiguous()
+             for name, tensor in folded.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state, path)
+    CifarVGG().load_state_dict(torch.load(path, weights_only=True))
+    return os.path.getsize(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    data = load_data(args)
+    print(f"train {len(data['train'][1])} images, test {len(data['test'][1])} images, "
+          f"loaded in {time.perf_counter() - started:.1f}s", flush=True)
+    data = {split: (images.to(device), labels.to(device)) for split, (images, labels) in data.items()}
+
+    model = CifarVGG(batch_norm=True).to(device)
+    train_started = time.perf_counter()
+    train(model, data, args, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - train_started
+
+    folded, acc = fold_and_check(model, *data["test"])
+    size = save_weights(folded, args.out)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"final test accuracy {acc:.4f} after {args.epochs} epochs; training {train_seconds:.1f}s, "
+          f"total {time.perf_counter() - started:.1f}s on {device} ({device_name}); "
+          f"saved {args.out} ({size / 1e6:.2f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ManipBenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

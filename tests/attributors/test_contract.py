@@ -1,0 +1,133 @@
+"""The public contract: the caller's model is untouched, and bad input gives clear errors."""
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from manip_bench import ManipBenchError, attributors
+
+
+def snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "repr": repr(model),
+        "types": [type(m) for m in model.modules()],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                  + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules()],
+    }
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after["repr"] == before["repr"]
+    assert after["types"] == before["types"]
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["hooks"] == before["hooks"]
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+
+
+@pytest.mark.parametrize("name", attributors.available())
+def test_model_unchanged_after_create_and_explain(name, plain_cnn, images):
+    plain_cnn.train()  # an unusual mode the attributor must not change
+    plain_cnn.features[0].weight.requires_grad_(False)
+    before = snapshot(plain_cnn)
+    x = images.clone().requires_grad_()
+    output, relevance = attributors.create(name, plain_cnn)(x, 1)
+    if attributors.get_class(name).attackable:
+        torch.autograd.grad(relevance.square().sum() + output.sum(), x)
+    assert_unchanged(plain_cnn, before)
+
+
+@pytest.mark.parametrize("name", ["zennit.epsilon", "captum.guided_backprop", "captum.saliency"])
+def test_no_hooks_left_when_explain_raises(name, plain_cnn, images, monkeypatch):
+    before = snapshot(plain_cnn)
+    explain = attributors.create(name, plain_cnn)
+    explain(images, 0)  # validate the input shape once, so the failure comes from inside
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(explain.model.classifier[2], "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        explain(images, 0)
+    assert_unchanged(plain_cnn, before)
+    leftover = [m for m in explain.model.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert leftover == []
+    assert not any(a.rule_active for a in explain.activations)
+
+
+def test_available_is_sorted_and_complete():
+    names = attributors.available()
+    assert names == sorted(names)
+    for required in ["captum.saliency", "captum.input_x_gradient", "captum.integrated_gradients",
+                     "captum.guided_backprop", "captum.deeplift", "captum.smoothgrad",
+                     "captum.gradient_shap", "captum.lrp", "zennit.epsilon",
+                     "zennit.epsilon_plus_flat", "zennit.epsilon_gamma_box", "zennit.alpha2beta1",
+                     "zennit.zplus", "zennit.gamma_vgg", "zennit.paper_lrp"]:
+        assert required in names
+
+
+def test_unknown_name_suggests_a_close_match(plain_cnn):
+    with pytest.raises(ManipBenchError, match="Did you mean 'zennit.epsilon'") as error:
+        attributors.create("zennit.epsilom", plain_cnn)
+    assert "captum.saliency" in str(error.value)
+
+
+def test_unknown_option_lists_valid_options(plain_cnn):
+    with pytest.raises(ManipBenchError, match="takes: smooth_beta, steps, method"):
+        attributors.create("captum.integrated_gradients", plain_cnn, n_step=3)
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.rand(3, 16, 16), r"shape \(N, C, H, W\)"),
+    (torch.zeros(1, 3, 16, 16, dtype=torch.long), "floating-point"),
+    (torch.rand(1, 4, 16, 16), "cannot take input of shape"),
+])
+def test_bad_input_shape(x, message, plain_cnn):
+    with pytest.raises(ManipBenchError, match=message):
+        attributors.create("captum.saliency", plain_cnn)(x, 0)
+
+
+@pytest.mark.parametrize("target", [5, -1, torch.tensor([0, 9, 1])])
+def test_target_out_of_range(target, plain_cnn, images):
+    with pytest.raises(ManipBenchError, match=r"class index in \[0, 5\)"):
+        attributors.create("zennit.epsilon", plain_cnn)(images, target)
+
+
+def test_target_batch_mismatch(plain_cnn, images):
+    with pytest.raises(ManipBenchError, match="2 entries for a batch of 3"):
+        attributors.create("captum.saliency", plain_cnn)(images, torch.tensor([0, 1]))
+
+
+class FunctionalReLUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2 * 14 * 14, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+def test_smoothing_a_model_without_relu_modules_is_an_error():
+    with pytest.raises(ManipBenchError, match="no nn.ReLU modules"):
+        attributors.create("captum.saliency", FunctionalReLUNet(), smooth_beta=10.0)
+
+
+def test_smoothing_lrp_is_an_error(plain_cnn):
+    with pytest.raises(ManipBenchError, match="gradient-type methods only"):
+        attributors.create("zennit.epsilon", plain_cnn, smooth_beta=10.0)
+
+
+def test_smooth_beta_changes_the_map(plain_cnn, images):
+    relu_map = attributors.create("captum.saliency", plain_cnn)(images, 0)[1]
+    smooth_map = attributors.create("captum.saliency", plain_cnn, smooth_beta=2.0)(images, 0)[1]
+    assert not torch.allclose(relu_map, smooth_map)
+
+
+def test_non_module_model_is_an_error():
+    with pytest.raises(ManipBenchError, match="torch.nn.Module"):
+        attributors.create("captum.saliency", lambda x: x)

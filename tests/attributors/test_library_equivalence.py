@@ -1,0 +1,161 @@
+"""Every adapter's map equals the stock library's own output for the same model and input."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from captum import attr as captum_attr
+from torch import nn
+from zennit import composites as zc
+from zennit.attribution import Gradient
+from zennit.core import Composite
+from zennit.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
+from zennit.types import Linear
+
+from manip_bench import attributors
+from manip_bench.attributors.zennit import default_canonizers
+from manip_bench.models.cifar_vgg import CifarVGG
+
+TARGET = torch.tensor([0, 3, 1])
+
+
+def seeded(fn):
+    torch.manual_seed(7)
+    np.random.seed(7)
+    return fn()
+
+
+CAPTUM_REFERENCES = {
+    "captum.saliency": lambda m, x, t: captum_attr.Saliency(m).attribute(x, target=t),
+    "captum.input_x_gradient": lambda m, x, t: captum_attr.InputXGradient(m).attribute(x, target=t),
+    "captum.integrated_gradients": lambda m, x, t: captum_attr.IntegratedGradients(m).attribute(
+        x, target=t, n_steps=30),
+    "captum.smoothgrad": lambda m, x, t: captum_attr.NoiseTunnel(captum_attr.Saliency(m)).attribute(
+        x, target=t, nt_type="smoothgrad", nt_samples=10, stdevs=0.05),
+    "captum.gradient_shap": lambda m, x, t: captum_attr.GradientShap(m).attribute(
+        x, baselines=torch.zeros_like(x[:1]), target=t, n_samples=5, stdevs=0.0),
+    "captum.guided_backprop": lambda m, x, t: captum_attr.GuidedBackprop(m).attribute(x, target=t),
+    "captum.deconvolution": lambda m, x, t: captum_attr.Deconvolution(m).attribute(x, target=t),
+    "captum.deeplift": lambda m, x, t: captum_attr.DeepLift(m).attribute(x, target=t),
+    "captum.lrp": lambda m, x, t: captum_attr.LRP(m).attribute(x, target=t),
+}
+
+
+def zennit_reference(model, x, target, composite):
+    with Gradient(model, composite) as gradient:
+        _, relevance = gradient(x, lambda out: out * nn.functional.one_hot(target, out.shape[1]))
+    return relevance
+
+
+def gamma_block_composite(model):
+    """Written out independently: gamma per block counted by max-pools, head epsilon."""
+    gammas, block, name_map = (0.5, 0.5, 0.25, 0.1, 0.0), 0, {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MaxPool2d):
+            block += 1
+        elif isinstance(module, nn.Conv2d):
+            gamma = gammas[min(block, 4)]
+            name_map[name] = Gamma(gamma) if gamma else Epsilon()
+        elif isinstance(module, nn.Linear):
+            name_map[name] = Epsilon()
+        elif isinstance(module, nn.ReLU):
+            name_map[name] = Pass()
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            name_map[name] = Norm()
+    return Composite(module_map=lambda ctx, name, module: name_map.get(name),
+                     canonizers=default_canonizers(model))
+
+
+ZENNIT_REFERENCES = {
+    "zennit.epsilon": lambda m: zc.LayerMapComposite(
+        zc.layer_map_base() + [(Linear, Epsilon())], canonizers=default_canonizers(m)),
+    "zennit.epsilon_plus_flat": lambda m: zc.EpsilonPlusFlat(canonizers=default_canonizers(m)),
+    "zennit.zplus": lambda m: zc.EpsilonPlus(canonizers=default_canonizers(m)),
+    "zennit.alpha2beta1": lambda m: zc.EpsilonAlpha2Beta1(canonizers=default_canonizers(m)),
+    "zennit.epsilon_gamma_box": lambda m: zc.EpsilonGammaBox(
+        low=0.0, high=1.0, canonizers=default_canonizers(m)),
+    "zennit.paper_lrp": lambda m: zc.SpecialFirstLayerMapComposite(
+        zc.layer_map_base() + [(Linear, ZPlus(zero_params="bias"))],
+        [(Linear, ZBox(0.0, 1.0, zero_params="bias"))], canonizers=default_canonizers(m)),
+    "zennit.gamma_vgg": gamma_block_composite,
+}
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def adapter_map(name, model, x, target):
+    explain = attributors.create(name, model)
+    return seeded(lambda: explain(x, target)[1]).detach()
+
+
+def test_every_registry_name_has_a_reference():
+    assert set(CAPTUM_REFERENCES) | set(ZENNIT_REFERENCES) == set(attributors.available())
+
+
+@pytest.mark.parametrize("name", sorted(CAPTUM_REFERENCES))
+def test_captum_adapter_matches_captum(name, plain_cnn, images):
+    expected = seeded(lambda: CAPTUM_REFERENCES[name](plain_cnn, images.clone(), TARGET))
+    assert relative_error(adapter_map(name, plain_cnn, images, TARGET), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(ZENNIT_REFERENCES))
+def test_zennit_adapter_matches_zennit(name, plain_cnn, images):
+    expected = zennit_reference(plain_cnn, images.clone(), TARGET, ZENNIT_REFERENCES[name](plain_cnn))
+    assert relative_error(adapter_map(name, plain_cnn, images, TARGET), expected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def torchvision_vgg():
+    torch.manual_seed(0)
+    return torchvision.models.vgg11_bn(num_classes=10).eval()
+
+
+@pytest.mark.parametrize("name", ["captum.saliency", "captum.integrated_gradients",
+                                  "captum.guided_backprop", "captum.lrp"])
+def test_captum_adapter_on_torchvision_vgg(name, torchvision_vgg):
+    x = torch.rand(2, 3, 32, 32)
+    target = torch.tensor([2, 7])
+    # Captum's LRP has no rule for BatchNorm's merged form; compare it on the canonized copy
+    model = torchvision_vgg if name != "captum.lrp" else torchvision.models.vgg11(num_classes=10).eval()
+    expected = seeded(lambda: CAPTUM_REFERENCES[name](model, x.clone(), target))
+    assert relative_error(adapter_map(name, model, x, target), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(ZENNIT_REFERENCES))
+def test_zennit_adapter_on_torchvision_vgg_bn(name, torchvision_vgg):
+    x = torch.rand(2, 3, 32, 32)
+    target = torch.tensor([2, 7])
+    expected = zennit_reference(torchvision_vgg, x.clone(), target,
+                                ZENNIT_REFERENCES[name](torchvision_vgg))
+    assert relative_error(adapter_map(name, torchvision_vgg, x, target), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(ZENNIT_REFERENCES) + ["captum.lrp"])
+def test_lrp_on_model_with_normalisation_uses_the_adapters_composite(name):
+    """With the [0,1]-input normalisation layer, relevance passes it unchanged."""
+    torch.manual_seed(0)
+    model = CifarVGG((4, "M", 8, "M", 8, "M")).eval()
+    x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 4])
+    explain = attributors.create(name, model)
+    expected = zennit_reference(model, x.clone(), target, explain.composite())
+    assert relative_error(explain(x, target)[1].detach(), expected) <= 1e-5
+
+
+def test_paper_lrp_uses_normalised_image_bounds():
+    explain = attributors.create("zennit.paper_lrp", CifarVGG((4, "M")))
+    mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
+    assert explain.low == pytest.approx((-mean / std).min(), abs=1e-5)
+    assert explain.high == pytest.approx(((1 - mean) / std).max(), abs=1e-5)
+
+
+def test_lrp_total_relevance_and_conservation_gap(plain_cnn, images):
+    """captum.lrp with zero biases conserves relevance: the gap is ~0."""
+    for module in plain_cnn.modules():
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    output, relevance = attributors.create("captum.lrp", plain_cnn)(images, TARGET)
+    gap = attributors.conservation_gap(output, relevance, TARGET)
+    logit = output.gather(1, TARGET.view(-1, 1)).squeeze(1)
+    assert torch.allclose(gap, torch.zeros_like(gap), atol=1e-4 * logit.abs().max().item())
+    assert torch.allclose(attributors.total_relevance(relevance), logit, rtol=1e-4)

@@ -1,0 +1,46 @@
+"""Shared fixtures: small models with known structure, seeded inputs, one CPU thread."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(os.environ.get("MANIP_BENCH_DATA", Path(__file__).parents[2] / "shared" / "data"))
+
+
+class PlainCNN(nn.Module):
+    """A VGG-like CNN that Captum's LRP accepts (no Flatten module, no normalisation)."""
+
+    def __init__(self, channels=(4, 8), side=16, classes=5):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        flat = c_in * (side // 2 ** len(channels)) ** 2
+        self.classifier = nn.Sequential(nn.Linear(flat, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@pytest.fixture
+def plain_cnn():
+    torch.manual_seed(0)
+    return PlainCNN().eval()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.rand(3, 3, 16, 16)
+
+
+def requires_shared_data(*parts):
+    """Skip marker for tests that need the offline data folder."""
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"offline data not found at {path}")
