@@ -7,7 +7,7 @@ import difflib
 import inspect
 
 from ..errors import ManipBenchError
-from . import captum, zennit
+from . import captum, pattern, zennit
 from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
 
 _CLASSES = (
@@ -15,6 +15,7 @@ _CLASSES = (
     captum.GradientShap, captum.GuidedBackprop, captum.Deconvolution, captum.DeepLift,
     zennit.CaptumLRP, zennit.EpsilonLRP, zennit.EpsilonPlusFlatLRP, zennit.EpsilonPlusLRP,
     zennit.Alpha2Beta1LRP, zennit.EpsilonGammaBoxLRP, zennit.GammaPerBlockLRP, zennit.PaperLRP,
+    pattern.PatternAttribution,
 )
 REGISTRY = {cls.name: cls for cls in _CLASSES}
 
@@ -61,15 +62,16 @@ def create(name, model, **opts):
     network: the paper's beta-smoothing defence.
     """
     cls = get_class(name)
-    unknown = sorted(set(opts) - set(options(name)))
-    if "smooth_beta" in unknown and opts["smooth_beta"] is not None:
+    accepted = options(name)
+    if "smooth_beta" not in accepted and opts.get("smooth_beta", None) is not None:
         raise ManipBenchError(f"{name}: beta-smoothing applies to gradient-type methods only "
                               f"({', '.join(GROUPS['gradient'])})")
-    unknown = [key for key in unknown if not (key == "smooth_beta" and opts[key] is None)]
-    opts = {key: value for key, value in opts.items() if key not in unknown}
+    opts = {key: value for key, value in opts.items()
+            if not (key == "smooth_beta" and value is None and key not in accepted)}
+    unknown = sorted(set(opts) - set(accepted))
     if unknown:
         raise ManipBenchError(f"{name} does not take option(s) {', '.join(unknown)}; "
-                              f"it takes: {', '.join(options(name)) or 'none'}")
+                              f"it takes: {', '.join(accepted) or 'none'}")
     return cls(model, **opts)
 
 

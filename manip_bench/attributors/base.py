@@ -118,6 +118,8 @@ class Attributor:
         ReLU for Softplus(beta) (and ``smooth_beta`` gives the beta-smoothing defence).
     ``attackable``
         False when the map is locally constant in ``x`` (no attack can move it).
+    ``preset``
+        the attack's paper preset for this method (``manip_bench.attack.PRESETS``).
     """
 
     name = ""
@@ -127,6 +129,7 @@ class Attributor:
     attackable = True
     not_attackable_reason = ""
     swap_relu = True
+    preset = "gradient"
 
     def __init__(self, model, smooth_beta=None):
         self.model = prepare_model(model, self.swap_relu)

@@ -87,6 +87,7 @@ class IntegratedGradients(CaptumAttributor):
 
     name, rule, method_class = ("captum.integrated_gradients", "integrated gradients",
                                 CaptumIntegratedGradients)
+    preset = "integrated_gradients"
 
     def __init__(self, model, smooth_beta=None, steps=30, method="gausslegendre"):
         super().__init__(model, smooth_beta, n_steps=steps, method=method)

@@ -54,6 +54,7 @@ class ZennitAttributor(Attributor):
     """LRP through a Zennit composite, seeded with the target logit."""
 
     library = "zennit"
+    preset = "lrp"
 
     def __init__(self, model, canonizers="auto"):
         super().__init__(model)

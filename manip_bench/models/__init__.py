@@ -1,0 +1,174 @@
+"""The model zoo: ``available()``, ``load(name, weights, device)`` and facts about each model.
+
+Every model returned by :func:`load` is in eval mode, takes images in [0, 1] of shape
+``(N, 3, H, W)`` and normalises them itself. Torchvision models are wrapped as
+``Sequential(normalize=Normalize(...), net=<torchvision model>)``; the embedded
+:class:`~manip_bench.models.cifar_vgg.CifarVGG` carries its own ``normalize``.
+"""
+import difflib
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from ..errors import ManipBenchError
+from .cifar_vgg import CIFAR10_CLASSES, CifarVGG, Normalize
+
+DEFAULT_MODEL = "cifar_vgg"
+CIFAR_VGG_WEIGHTS = Path(__file__).with_name("cifar_vgg.pt")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TORCHVISION_MODELS = ("alexnet", "densenet121", "resnet18", "vgg16")
+
+
+def available():
+    """Sorted list of model names."""
+    return sorted((DEFAULT_MODEL, *TORCHVISION_MODELS))
+
+
+def _check_name(name):
+    if name not in available():
+        close = difflib.get_close_matches(str(name), available(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ManipBenchError(f"unknown model {name!r}.{hint} Available: {', '.join(available())}")
+    return name
+
+
+def _default_weights(name):
+    """Torchvision's DEFAULT weights enum member for ``name`` (no download)."""
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def cached_weights_path(name):
+    """Where torch hub caches ``name``'s pretrained weights (it may not exist yet)."""
+    url = _default_weights(_check_name(name)).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def input_size(name):
+    """Side length in pixels of the square images the model is meant for."""
+    return 32 if _check_name(name) == DEFAULT_MODEL else 224
+
+
+def class_names(name):
+    """The model's class names, in output order."""
+    if _check_name(name) == DEFAULT_MODEL:
+        return list(CIFAR10_CLASSES)
+    return list(_default_weights(name).meta["categories"])
+
+
+def describe():
+    """One row per model: name, input size, number of classes, where its weights come from."""
+    rows = []
+    for name in available():
+        if name == DEFAULT_MODEL:
+            source = f"embedded ({CIFAR_VGG_WEIGHTS.name}, CIFAR-10)"
+        else:
+            cached = "cached" if cached_weights_path(name).exists() else "downloads on first use"
+            source = f"torchvision {_default_weights(name)} ({cached})"
+        rows.append({"name": name, "input_size": input_size(name),
+                     "classes": len(class_names(name)), "source": source})
+    return rows
+
+
+def load(name=DEFAULT_MODEL, weights="default", device="cpu"):
+    """Build model ``name`` in eval mode, taking [0, 1] images and normalising inside.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available`.
+    weights : str or path
+        ``"default"`` (embedded CIFAR weights / torchvision's DEFAULT pretrained weights,
+        downloaded once into torch hub's cache), ``"random"`` (random init: seed with
+        ``torch.manual_seed`` before calling), or a path to a ``state_dict`` file of the
+        bare architecture or of the model this function returns.
+    device : str or torch.device
+    """
+    _check_name(name)
+    if weights == "default" and name == DEFAULT_MODEL:
+        if not CIFAR_VGG_WEIGHTS.exists():
+            raise ManipBenchError(
+                f"embedded weights missing at {CIFAR_VGG_WEIGHTS}; reinstall manip-bench or "
+                f"train them with python -m manip_bench.models.train_cifar")
+        model = CifarVGG()
+        model.load_state_dict(torch.load(CIFAR_VGG_WEIGHTS, weights_only=True, map_location="cpu"))
+    elif weights == "default":
+        model = _wrap(_pretrained(name))
+    else:
+        model = CifarVGG() if name == DEFAULT_MODEL else _wrap(torchvision.models.get_model(name))
+        if weights != "random":
+            _load_file(model, name, weights)
+    return model.to(device).eval()
+
+
+def _wrap(net):
+    return nn.Sequential(OrderedDict(normalize=Normalize(IMAGENET_MEAN, IMAGENET_STD), net=net))
+
+
+def _pretrained(name):
+    """Torchvision model with DEFAULT weights; a clear error when they cannot be downloaded."""
+    enum = _default_weights(name)
+    path = cached_weights_path(name)
+    try:  # torch hub reads a cached file and only goes to the network when there is none
+        return torchvision.models.get_model(name, weights=enum)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:  # URLError: OSError
+        if path.exists():  # the file is there: not a download problem
+            raise ManipBenchError(
+                f"cannot load the cached weights {path} ({type(error).__name__}: {error}); "
+                f"delete the file to download it again") from error
+        raise ManipBenchError(
+            f"pretrained weights for {name} ({enum}) are not cached and could not be "
+            f"downloaded ({type(error).__name__}: {error}). Run once with internet access, or "
+            f"put {path.name} (from {enum.url}) into {path.parent}/, or use weights 'random' "
+            f"(--weights random) or a local state_dict file.") from error
+
+
+def _load_file(model, name, path):
+    """Load a state_dict file into ``model`` (the wrapped model or its bare ``net``)."""
+    if not Path(path).is_file():
+        raise ManipBenchError(
+            f"no such weights file {str(path)!r}; weights is 'default', 'random' or a path "
+            f"to a state_dict file")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ManipBenchError(
+            f"{path}: cannot read it as a state_dict with torch.load(weights_only=True) "
+            f"({type(error).__name__}); save one with torch.save(model.state_dict(), path)"
+        ) from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint
+    if not isinstance(state, dict):
+        raise ManipBenchError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    if hasattr(model, "net"):  # bare torchvision keys live under "net."
+        prefixed = {f"net.{key}": value for key, value in state.items()}
+        if len(own.keys() & prefixed.keys()) > len(own.keys() & state.keys()):
+            state = prefixed
+    # a file without normalisation buffers keeps the model's own
+    state = {**{k: v for k, v in own.items() if k.startswith("normalize.")}, **state}
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    shapes = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+              for key in own if key in state and hasattr(state[key], "shape")
+              and state[key].shape != own[key].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("wrong shapes (file vs model)", shapes)) if keys]
+        raise ManipBenchError(
+            f"{path}: weights do not match model {name!r} ({'; '.join(problems)}). Pass a "
+            f"state_dict of the bare {name} architecture or of the model manip_bench.models.load "
+            f"returns")
+    model.load_state_dict(state)
+
+
+__all__ = ["CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL", "IMAGENET_MEAN", "IMAGENET_STD",
+           "TORCHVISION_MODELS", "available", "cached_weights_path", "class_names", "describe",
+           "input_size", "load"]

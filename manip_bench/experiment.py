@@ -1,0 +1,116 @@
+"""One manipulation experiment end to end: load, attack, write results (``manip-bench run``)."""
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, data, models
+from .attack import ManipulationAttack
+from .errors import ManipBenchError
+from .figures import overview_figure
+
+#: result.json metric keys that are a public contract
+CONTRACT_METRICS = ("expl_target_pcc", "expl_target_ssim", "expl_target_mse", "expl_original_pcc",
+                    "input_ssim", "input_mse", "input_linf", "output_mse", "class_kept")
+
+
+def pick_device(name="auto"):
+    """``auto``: CUDA when torch sees it, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ManipBenchError(f"unknown device {name!r} (use auto, cpu or cuda)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ManipBenchError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def pick_threads(device, input_size, threads=None):
+    """CPU threads: small inputs run fastest on one thread (thread start-up dominates)."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    if threads is None:
+        threads = 1 if input_size <= 64 else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def versions():
+    """Versions of everything that decides a result."""
+    import captum
+    import zennit
+    return {"manip_bench": __version__, "torch": torch.__version__, "captum": captum.__version__,
+            "zennit": getattr(zennit, "__version__", "0.5.1"), "python": platform.python_version()}
+
+
+def default_out_dir(root="manip-out"):
+    """A new, unused folder under ``root`` named by the time."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    return path
+
+
+def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image=None,
+        target_image=None, target_map=None, preset="paper", device="auto", seed=0, out=None,
+        threads=None, progress=False, smooth_beta=None, **overrides):
+    """Attack one image's explanation toward a target and write the results to ``out``.
+
+    The target is the explanation of ``target_image`` (default: a bundled photo) or, with
+    ``target_map``, any grayscale image used as the heatmap. Files are written to a
+    temporary folder first and moved into place at the end, so a failed or interrupted
+    run leaves nothing half-written. Returns ``(AttackResult, output folder)``.
+    """
+    out = Path(out) if out is not None else default_out_dir()
+    if out.exists() and any(out.iterdir()):
+        raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
+    device = pick_device(device)
+    size = models.input_size(model)
+    threads = pick_threads(device, size, threads)
+    torch.manual_seed(seed)
+    net = models.load(model, weights, device)
+    x = data.load_image(image or data.DEFAULT_IMAGE, size)[None].to(device)
+    attack = ManipulationAttack(net, attributor, preset=preset, smooth_beta=smooth_beta,
+                                progress=progress, **overrides)
+    if target_map is not None:
+        target, target_x = data.load_target_map(target_map, size)[None].to(device), None
+        target_source = str(target_map)
+    else:
+        target_source = target_image or data.DEFAULT_TARGET_IMAGE
+        target_x = data.load_image(target_source, size)
+        target = attack.target_maps(target_x[None].to(device))
+    result = attack(x, target)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        classes = models.class_names(model)
+        record = {
+            "attributor": result.attributor, "model": model, "weights": str(weights),
+            "image": str(image or data.DEFAULT_IMAGE),
+            ("target_map" if target_map is not None else "target_image"): target_source,
+            "preset": attack.preset, "config": vars(result.config), "smooth_beta": smooth_beta,
+            "iterations": result.iterations, "seconds": round(result.seconds, 3),
+            "device": str(device), "threads": threads, "seed": seed,
+            "original_class": classes[int(result.original_class[0])],
+            "metrics": {key: values[0] for key, values in result.metrics.items()},
+            "versions": versions(),
+        }
+        (staging / "result.json").write_text(json.dumps(record, indent=2))
+        data.save_image(result.x_adv[0], staging / "manipulated.png")
+        torch.save(result.x_adv.cpu(), staging / "manipulated.pt")
+        overview_figure(result, staging / "overview.png", target_image=target_x)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result, out

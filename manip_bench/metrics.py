@@ -1,0 +1,101 @@
+"""Similarity of heatmaps, images and outputs, per sample.
+
+SSIM comes from scikit-image, Pearson and Spearman correlation from SciPy.
+Every function takes batched tensors and returns ``{metric: list of floats}``.
+"""
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+from skimage.metrics import structural_similarity
+
+
+def _numpy(tensor):
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _correlation(fn, a, b):
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")  # undefined for a constant map
+    return float(fn(a.ravel(), b.ravel())[0])
+
+
+def pcc(a, b):
+    """Pearson correlation of two arrays (NaN if either is constant)."""
+    return _correlation(stats.pearsonr, a, b)
+
+
+def spearman(a, b):
+    """Spearman rank correlation of two arrays (NaN if either is constant)."""
+    return _correlation(stats.spearmanr, a, b)
+
+
+def ssim(a, b, channel_axis=None, data_range=None):
+    """Structural similarity (scikit-image); the data range defaults to that of both arrays."""
+    if data_range is None:
+        data_range = max(a.max(), b.max()) - min(a.min(), b.min())
+    if data_range == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    side = min(a.shape[-2:])
+    win_size = min(7, side if side % 2 else side - 1)
+    return float(structural_similarity(a, b, data_range=data_range, channel_axis=channel_axis,
+                                       win_size=win_size))
+
+
+def top_k_intersection(a, b, fraction=0.05):
+    """Fraction of the top-k pixels of ``b`` that are also among the top-k of ``a`` (Ghorbani et al.)."""
+    k = max(1, math.ceil(fraction * a.size))
+    top_a = set(np.argpartition(-a.ravel(), k - 1)[:k].tolist())
+    top_b = set(np.argpartition(-b.ravel(), k - 1)[:k].tolist())
+    return len(top_a & top_b) / k
+
+
+def map_similarity(maps, reference, top_k_fraction=0.05):
+    """Per-sample MSE, SSIM, PCC, top-k intersection and Spearman between (N, H, W) heatmaps."""
+    result = {"mse": [], "ssim": [], "pcc": [], "topk": [], "spearman": []}
+    for a, b in zip(_numpy(maps), _numpy(reference)):
+        result["mse"].append(float(np.mean((a - b) ** 2)))
+        result["ssim"].append(ssim(a, b))
+        result["pcc"].append(pcc(a, b))
+        result["topk"].append(top_k_intersection(a, b, top_k_fraction))
+        result["spearman"].append(spearman(a, b))
+    return result
+
+
+def image_similarity(images, reference):
+    """Per-sample MSE, SSIM, PCC, L-inf and L2 between (N, C, H, W) images in [0, 1]."""
+    result = {"mse": [], "ssim": [], "pcc": [], "linf": [], "l2": []}
+    for a, b in zip(_numpy(images), _numpy(reference)):
+        result["mse"].append(float(np.mean((a - b) ** 2)))
+        result["ssim"].append(ssim(a, b, channel_axis=0, data_range=1.0))
+        result["pcc"].append(pcc(a, b))
+        result["linf"].append(float(np.abs(a - b).max()))
+        result["l2"].append(float(np.sqrt(((a - b) ** 2).sum())))
+    return result
+
+
+def output_similarity(outputs, reference):
+    """Per-sample output MSE (softmax), top-1 class kept, and the original class's probability."""
+    probs, ref_probs = outputs.detach().softmax(1), reference.detach().softmax(1)
+    original = ref_probs.argmax(1)
+    return {
+        "output_mse": ((probs - ref_probs) ** 2).mean(1).tolist(),
+        "class_kept": (probs.argmax(1) == original).tolist(),
+        "prob_before": ref_probs.gather(1, original[:, None])[:, 0].tolist(),
+        "prob_after": probs.gather(1, original[:, None])[:, 0].tolist(),
+    }
+
+
+def prefixed(prefix, values):
+    """``{'mse': ...}`` -> ``{'prefix_mse': ...}``."""
+    return {f"{prefix}_{key}": value for key, value in values.items()}
+
+
+def summarize(per_sample):
+    """Median of each per-sample metric (NaNs ignored; booleans as the fraction true)."""
+    summary = {}
+    for key, values in per_sample.items():
+        array = np.asarray(values, dtype=float)
+        summary[key] = float(np.nanmedian(array)) if key != "class_kept" else float(array.mean())
+    return summary

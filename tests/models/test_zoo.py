@@ -1,0 +1,151 @@
+"""The model zoo: names, facts, the embedded CIFAR model, torchvision weights handling."""
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SHARED_DATA, requires_shared_data
+from manip_bench import ManipBenchError, models
+from manip_bench.data import load_batch
+from manip_bench.models.cifar_vgg import CifarVGG, Normalize
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache and no network: any download attempt fails at once."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # undo any set_dir
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "urlopen", refuse)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def resnet18_state():
+    """A randomly initialised resnet18 (as load returns it) and its bare state_dict."""
+    torch.manual_seed(0)
+    model = models.load("resnet18", weights="random")
+    return model, model.net.state_dict()
+
+
+def test_names_and_facts_need_no_download(offline):
+    assert models.available() == ["alexnet", "cifar_vgg", "densenet121", "resnet18", "vgg16"]
+    assert models.input_size("cifar_vgg") == 32 and models.input_size("vgg16") == 224
+    assert models.class_names("cifar_vgg")[:2] == ["airplane", "automobile"]
+    assert len(models.class_names("resnet18")) == 1000
+    assert models.class_names("vgg16")[281] == "tabby"
+    rows = {row["name"]: row for row in models.describe()}
+    assert set(rows) == set(models.available())
+    assert rows["cifar_vgg"]["classes"] == 10 and "embedded" in rows["cifar_vgg"]["source"]
+    assert "downloads on first use" in rows["vgg16"]["source"]
+
+
+def test_unknown_name_suggests_a_close_match():
+    with pytest.raises(ManipBenchError, match=r"Did you mean 'resnet18'.*Available: alexnet"):
+        models.load("resnet19")
+
+
+def test_embedded_model_loads_package_data_with_weights_only(monkeypatch):
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model = models.load()
+    assert calls and calls[0][0][0] == models.CIFAR_VGG_WEIGHTS and calls[0][1]["weights_only"]
+    assert isinstance(model, CifarVGG) and not model.training
+    assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_embedded_weights_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "CIFAR_VGG_WEIGHTS", tmp_path / "cifar_vgg.pt")
+    with pytest.raises(ManipBenchError, match="embedded weights missing.*train_cifar"):
+        models.load()
+
+
+@requires_shared_data("cifar10", "test")
+def test_embedded_model_classifies_cifar_test_images():
+    root = SHARED_DATA / "cifar10" / "test"
+    classes = models.class_names("cifar_vgg")
+    paths = [sorted((root / name).iterdir())[0] for name in classes]  # first image per class
+    with torch.no_grad():
+        predicted = models.load()(load_batch(paths, 32)).argmax(1)
+    assert (predicted == torch.arange(10)).sum() >= 8
+
+
+def test_torchvision_model_with_random_weights(resnet18_state):
+    model, _ = resnet18_state
+    assert isinstance(model, nn.Sequential) and not model.training
+    assert isinstance(model.normalize, Normalize)
+    assert torch.allclose(model.normalize.mean.flatten(), torch.tensor(models.IMAGENET_MEAN))
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 1000)
+    x = torch.rand(1, 3, 64, 64)  # normalisation happens inside
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.net((x - model.normalize.mean) / model.normalize.std))
+
+
+def test_offline_default_weights_raise_with_a_hint(offline):
+    with pytest.raises(ManipBenchError) as error:
+        models.load("resnet18")
+    message = str(error.value)
+    assert "not cached" in message and "resnet18-f37072fd.pth" in message
+    assert str(offline / "torch" / "hub" / "checkpoints") in message
+    assert "random" in message and "internet" in message
+
+
+def test_cached_default_weights_load_without_network(offline, resnet18_state):
+    _, state = resnet18_state
+    path = models.cached_weights_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    model = models.load("resnet18")  # the network is disabled: this reads the cache
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"])
+    path.write_bytes(b"corrupted")
+    with pytest.raises(ManipBenchError, match="cannot load the cached weights.*delete"):
+        models.load("resnet18")
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "wrapped"])
+def test_weights_file_bare_or_wrapped(tmp_path, resnet18_state, wrapped):
+    model, state = resnet18_state
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict() if wrapped else state, path)
+    loaded = models.load("resnet18", weights=str(path))
+    assert torch.equal(loaded.net.fc.weight, state["fc.weight"])
+
+
+def test_cifar_weights_file_roundtrip_and_without_normalize(tmp_path):
+    torch.manual_seed(3)
+    state = CifarVGG().state_dict()
+    torch.save({"state_dict": state}, tmp_path / "checkpoint.pt")
+    bare = {k: v for k, v in state.items() if not k.startswith("normalize.")}
+    torch.save(bare, tmp_path / "bare.pt")
+    for name in ("checkpoint.pt", "bare.pt"):
+        loaded = models.load("cifar_vgg", weights=tmp_path / name)
+        assert torch.equal(loaded.classifier.fc2.weight, state["classifier.fc2.weight"])
+
+
+def test_bad_weights_files_are_clear_errors(tmp_path):
+    state = CifarVGG().state_dict()
+    state["extra.weight"] = state.pop("classifier.fc2.weight")
+    state["features.0.bias"] = torch.zeros(5)
+    torch.save(state, tmp_path / "mismatch.pt")
+    with pytest.raises(ManipBenchError) as error:
+        models.load("cifar_vgg", weights=tmp_path / "mismatch.pt")
+    message = str(error.value)
+    assert "mismatch.pt" in message and "missing keys: classifier.fc2.weight" in message
+    assert "unexpected keys: extra.weight" in message and "features.0.bias (5,)" in message
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ManipBenchError, match="junk.pt: cannot read it as a state_dict"):
+        models.load("cifar_vgg", weights=tmp_path / "junk.pt")
+    with pytest.raises(ManipBenchError, match="no such weights file.*'default', 'random'"):
+        models.load("cifar_vgg", weights="defualt")
