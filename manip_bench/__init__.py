@@ -1,6 +1,12 @@
-"""manip-bench: manipulate image explanations, measure it, and defend against it."""
-from . import attributors
-from .errors import ManipBenchError
+"""manip-bench: manipulate image explanations, measure it, and defend against it.
 
+Pipeline: model + images -> attributors -> attack -> metrics -> bench/report -> CLI.
+"""
 __version__ = "0.1.0"
-__all__ = ["ManipBenchError", "attributors", "__version__"]
+
+from . import attributors, heatmaps, metrics  # noqa: E402
+from .attack import AttackConfig, AttackResult, ManipulationAttack  # noqa: E402
+from .errors import ManipBenchError  # noqa: E402
+
+__all__ = ["AttackConfig", "AttackResult", "ManipBenchError", "ManipulationAttack",
+           "attributors", "heatmaps", "metrics", "__version__"]

@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import attributors, experiment, models
@@ -60,7 +61,8 @@ def _list_parser(sub):
 
 def cmd_list(args):
     table = Table(title="attributors")
-    for column in ("name", "library", "rule", "softplus swap", "attackable"):
+    table.add_column("name", no_wrap=True)
+    for column in ("library", "rule", "softplus swap", "attackable"):
         table.add_column(column)
     for row in attributors.describe():
         table.add_row(row["name"], row["library"], row["rule"],
@@ -96,7 +98,8 @@ def main(argv=None):
     try:
         args.func(args)
     except ManipBenchError as error:
-        error_console.print(f"[red]error:[/red] {error}", highlight=False)
+        error_console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False,
+                            soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         error_console.print("interrupted; nothing half-written was left behind")

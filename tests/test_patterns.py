@@ -1,7 +1,6 @@
 """PatternAttribution: the pattern estimator, the patterns file, and the attributor's contract."""
 import pytest
 import torch
-import torchvision
 from captum.attr import Saliency
 from torch import nn
 from torch.nn import functional as F
@@ -42,17 +41,28 @@ def ones_patterns(model):
     return {name: torch.ones_like(layer.weight) for name, layer in pattern_layers(model).items()}
 
 
+def odd_cnn():
+    """Strides, dilation, padding="same", average pooling, dropout, a Flatten module."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.ReLU(), nn.AvgPool2d(2),
+        nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(0.5), nn.Linear(54, 5),
+    ).eval()
+
+
 # --- the estimator -------------------------------------------------------------------------------
 
 def signal_distractor_data(n=20000, dim=6, seed=0):
-    """x = a_s y + a_d eps (y, eps independent) and the filter w with w^T x = y (PatternNet, Fig. 2)."""
+    """x = a_s y + a_d eps (y, eps independent) and the filter w with w^T x = y (PatternNet)."""
     generator = torch.Generator().manual_seed(seed)
     a_signal, a_distractor = torch.randn(2, dim, generator=generator, dtype=torch.float64)
     y = torch.randn(n, 1, generator=generator, dtype=torch.float64)
     eps = 3 * torch.randn(n, 1, generator=generator, dtype=torch.float64)
     x = y * a_signal + eps * a_distractor
     # the least-norm filter with w^T a_s = 1 and w^T a_d = 0: it must cancel the distractor
-    w = torch.linalg.pinv(torch.stack([a_signal, a_distractor])) @ torch.tensor([1.0, 0.0], dtype=torch.float64)
+    directions = torch.stack([a_signal, a_distractor])
+    w = torch.linalg.pinv(directions) @ torch.tensor([1.0, 0.0], dtype=torch.float64)
     return x, y, w, a_signal
 
 
@@ -120,6 +130,26 @@ def test_estimation_needs_data_and_supported_layers(plain_cnn):
         estimate_patterns(plain_cnn, [torch.rand(1, 3, 16, 16)], regime="both", progress=False)
 
 
+def test_estimation_handles_strides_same_padding_and_pooling():
+    model = odd_cnn()
+    patterns = estimate_patterns(model, [torch.rand(8, 3, 15, 16)], progress=False)
+    check_patterns(patterns, model)
+    attributors.create(NAME, model, patterns=patterns)(torch.rand(1, 3, 15, 16), 0)
+
+
+def test_command_estimates_and_saves_patterns_for_an_image_folder(tmp_path, capsys):
+    from manip_bench import data
+    from manip_bench.patterns import main
+
+    torch.manual_seed(0)
+    for i in range(5):
+        data.save_image(torch.rand(3, 32, 32), tmp_path / "images" / f"cls{i % 2}" / f"{i}.png")
+    assert len(image_batches(tmp_path / "images", 32, batch_size=2, limit=3)) == 2
+    main(["--data", str(tmp_path / "images"), "--out", str(tmp_path / "p.pt"), "--batch-size", "2"])
+    assert "5 images, 8 layers" in capsys.readouterr().out
+    check_patterns(load_patterns(tmp_path / "p.pt"), CifarVGG())
+
+
 # --- the patterns file -------------------------------------------------------------------------
 
 def test_save_load_round_trip(tmp_path, plain_cnn):
@@ -138,7 +168,8 @@ def test_patterns_of_another_model_are_a_clear_error(tmp_path, plain_cnn, images
     patterns = random_patterns(plain_cnn)
     del patterns["classifier.2"]
     patterns["head.fc"] = torch.ones(3)
-    with pytest.raises(ManipBenchError, match=r"missing layers: classifier.2.*unexpected layers: head.fc"):
+    with pytest.raises(ManipBenchError,
+                       match=r"missing layers: classifier.2.*unexpected layers: head.fc"):
         attributors.create(NAME, plain_cnn, patterns=patterns)
     small_vgg = CifarVGG((4, "M"))
     with pytest.raises(ManipBenchError, match="do not match the model"):
@@ -196,14 +227,10 @@ def test_map_equals_an_independent_layer_by_layer_implementation(plain_cnn, imag
     assert relative_error(relevance.detach(), expected) <= 1e-5
 
 
-@pytest.mark.parametrize("model_name", ["plain_cnn", "vgg11"])
+@pytest.mark.parametrize("model_name", ["plain_cnn", "odd_cnn"])
 def test_all_ones_patterns_give_logit_times_gradient(model_name, plain_cnn, images):
     """With A = 1 the map is the seed (target logit) times Captum's plain gradient."""
-    if model_name == "vgg11":
-        torch.manual_seed(0)
-        model, x = torchvision.models.vgg11(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
-    else:
-        model, x = plain_cnn, images
+    model, x = (plain_cnn, images) if model_name == "plain_cnn" else (odd_cnn(), images[:2, :, :15])
     target = TARGET[:len(x)]
     output, relevance = attributors.create(NAME, model, patterns=ones_patterns(model))(x, target)
     gradient = Saliency(model).attribute(x.clone().requires_grad_(), target=target, abs=False)
@@ -237,7 +264,8 @@ def test_model_unchanged_after_create_and_explain(plain_cnn, images):
     plain_cnn.features[0].weight.requires_grad_(False)
     before = snapshot(plain_cnn)
     x = images.clone().requires_grad_()
-    output, relevance = attributors.create(NAME, plain_cnn, patterns=random_patterns(plain_cnn))(x, 1)
+    explain = attributors.create(NAME, plain_cnn, patterns=random_patterns(plain_cnn))
+    output, relevance = explain(x, 1)
     torch.autograd.grad(relevance.square().sum() + output.sum(), x)
     after = snapshot(plain_cnn)
     assert {k: v for k, v in after.items() if k != "state"} == \
@@ -321,3 +349,20 @@ def test_shipped_patterns_on_cifar_test_images():
     assert torch.isfinite(maps).all() and (maps.flatten(1).std(1) > 0).all()
     gradient_maps = heatmap(attributors.create("captum.saliency", model)(x, target)[1])
     assert relative_error(maps, gradient_maps) > 0.1  # the patterns matter
+
+
+def test_short_attack_moves_the_map_toward_the_target():
+    from manip_bench import data, metrics
+    from manip_bench.attack import ManipulationAttack
+
+    model = models.load("cifar_vgg")
+    x = torch.stack([data.load_image(name, 32) for name in ("chelsea", "astronaut")])
+    x_target = torch.stack([data.load_image(name, 32) for name in ("coffee", "rocket")])
+    attack = ManipulationAttack(model, NAME, iterations=40, lr=2e-3)
+    result = attack(x, attack.target_maps(x_target))
+    before = metrics.map_similarity(result.original_map, result.target_map)["pcc"]
+    after = result.metrics["expl_target_pcc"]
+    assert all(a > max(b + 0.1, 0.9) for a, b in zip(after, before)), (before, after)
+    assert all(result.metrics["class_kept"]) and max(result.metrics["input_linf"]) < 0.35
+    relu_map = attack.evaluate(result.x_adv, result.original_class)[2]
+    assert torch.allclose(relu_map, result.adversarial_map)

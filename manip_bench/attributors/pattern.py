@@ -123,7 +123,8 @@ def _same_weights(model, path):
     saved = torch.load(path, weights_only=True, map_location="cpu")
     own = model.state_dict()
     return own.keys() == saved.keys() and all(
-        own[key].shape == value.shape and torch.equal(own[key].detach().cpu().to(value.dtype), value)
+        own[key].shape == value.shape
+        and torch.equal(own[key].detach().cpu().to(value.dtype), value)
         for key, value in saved.items())
 
 
