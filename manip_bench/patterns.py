@@ -43,6 +43,7 @@ Command line (any model of :mod:`manip_bench.models` and an image folder); the s
 seeded random subset).
 """
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -239,6 +240,17 @@ def _progress(enabled, total):
                     transient=False)
 
 
+@contextlib.contextmanager
+def full_float32():
+    """Switch off TF32 on CUDA while inside (its 10-bit mantissa visibly biases the covariances)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def estimate_patterns(model, batches, regime="relu", progress=True, total=None):
     """Estimate the PatternAttribution patterns of ``model`` from images.
 
@@ -247,7 +259,7 @@ def estimate_patterns(model, batches, regime="relu", progress=True, total=None):
     model : torch.nn.Module
         A ReLU network of ``nn.Conv2d``/``nn.Linear`` layers (see the module docstring).
         It is not modified: the statistics are collected on a private copy, on the
-        model's device.
+        model's device (with TF32 switched off on CUDA).
     batches : iterable of torch.Tensor
         Image batches ``(N, C, H, W)`` as the model takes them (``[0, 1]`` for the
         project's models), or ``(images, labels)`` tuples; moved to the model's device.
@@ -281,7 +293,7 @@ def estimate_patterns(model, batches, regime="relu", progress=True, total=None):
         return hook
 
     try:
-        with _progress(progress, total) as bar, torch.no_grad():
+        with _progress(progress, total) as bar, torch.no_grad(), full_float32():
             task = bar.add_task("patterns", total=total)
             for batch in batches:
                 x = _as_images(batch).to(parameter.device, parameter.dtype)

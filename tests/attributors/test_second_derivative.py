@@ -65,3 +65,22 @@ def test_deconvolution_is_flagged_locally_constant():
     (gradient,) = torch.autograd.grad(explain(x, 1)[1].square().sum(), x, allow_unused=True)
     assert not explain.attackable
     assert gradient is None or gradient.abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["zennit.epsilon_plus_flat", "zennit.gamma_vgg", "zennit.paper_lrp"])
+def test_batch_norm_models_keep_correct_second_derivatives(name):
+    """Batch norm is merged once into the private copy, never swapped under a live graph."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+    ).double().eval()
+    batch_norm = model[1]
+    batch_norm.running_mean.uniform_(-0.5, 0.5)
+    batch_norm.running_var.uniform_(0.5, 2.0)
+    nn.init.uniform_(batch_norm.weight, 0.5, 1.5)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    explain = attributors.create(name, model)
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: explain(x, 1)[1], (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

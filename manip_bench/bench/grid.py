@@ -1,0 +1,469 @@
+"""The benchmark grid: methods x models x image pairs, sharded, run resumably.
+
+A :class:`Grid` is pure data (JSON-able): which methods (attributor, optional smoothing
+beta, attributor options), which models, which ``(original, target)`` pairs, the attack
+preset and overrides, the seed. :func:`run_grid` attacks every pair of this process's
+shard in batches and appends one JSON line per finished result (see
+:mod:`manip_bench.bench.results`), skipping what the folder already holds, so rerunning
+the same command after an interruption completes the grid.
+"""
+import dataclasses
+import json
+import os
+import random
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from .. import attributors, data, models
+from ..attack import ManipulationAttack, make_config
+from ..errors import ManipBenchError
+from ..experiment import pick_device, pick_threads, versions
+from .results import ResultsWriter, read_results, results_name, row_key
+
+#: ``pairs`` value for pairs drawn from scikit-image's bundled photos
+BUNDLED = "bundled"
+CONFIG_NAME = "config.json"
+EXAMPLES_DIR = "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One attributor setting: registry name, optional smoothing beta, options for ``create``."""
+
+    attributor: str
+    smooth_beta: float = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def label(self):
+        """Short text for tables and figures, e.g. ``captum.saliency β=5``."""
+        parts = [self.attributor]
+        if self.smooth_beta is not None:
+            parts.append(f"β={self.smooth_beta:g}")
+        parts += [f"{'σ' if key == 'stdev' else key}={_short(value)}"
+                  for key, value in sorted(self.options.items())]
+        return " ".join(parts)
+
+    def cell_id(self, model):
+        """File-name-safe id of the cell (this method on ``model``)."""
+        parts = [self.attributor, model]
+        if self.smooth_beta is not None:
+            parts.append(f"beta{self.smooth_beta:g}")
+        parts += [f"{key}{_short(value)}" for key, value in sorted(self.options.items())]
+        return "__".join(_slug(part) for part in parts)
+
+    def to_json(self):
+        return {"attributor": self.attributor, "smooth_beta": self.smooth_beta,
+                "options": dict(self.options)}
+
+
+def method_of(row):
+    """The :class:`Method` a result row belongs to."""
+    return Method(row["attributor"], row.get("smooth_beta"), row.get("options") or {})
+
+
+def _short(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _slug(text):
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in str(text))
+
+
+@dataclasses.dataclass
+class Grid:
+    """Everything that decides the results of a benchmark (what ``config.json`` compares).
+
+    Build one with :func:`make_grid` (or :func:`manip_bench.bench.smooth.make_sweep`).
+    """
+
+    methods: list
+    models: list
+    pairs: list
+    pair_source: str = BUNDLED
+    preset: str = "paper"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    kind: str = "bench"
+
+    def to_json(self):
+        """Plain JSON form (lists, not tuples), as stored in ``config.json``."""
+        return json.loads(json.dumps({
+            "kind": self.kind, "methods": [m.to_json() for m in self.methods],
+            "models": list(self.models), "pair_source": str(self.pair_source),
+            "pairs": [list(pair) for pair in self.pairs], "preset": self.preset,
+            "overrides": self.overrides, "seed": self.seed}))
+
+    @property
+    def size(self):
+        """Number of results in the whole grid."""
+        return len(self.methods) * len(self.models) * len(self.pairs)
+
+
+def resolve_attributors(names):
+    """Registry names from names and groups (``gradient``, ``lrp``, ``all``; see GROUPS).
+
+    ``names`` is a list or a comma-separated string; order is kept, duplicates dropped,
+    and a method that cannot be attacked is an error.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    resolved = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        for member in attributors.GROUPS.get(name, [name]):
+            cls = attributors.get_class(member)
+            if not cls.attackable:
+                raise ManipBenchError(f"{member} cannot be attacked ({cls.not_attackable_reason}); "
+                                      f"leave it out of the grid")
+            if member not in resolved:
+                resolved.append(member)
+    if not resolved:
+        raise ManipBenchError(f"no attributors given; use names or groups "
+                              f"({', '.join(attributors.GROUPS)})")
+    return resolved
+
+
+def parse_model(spec):
+    """``"name"`` or ``"name:weights"`` (``default``, ``random`` or a state_dict path)."""
+    name, _, weights = str(spec).partition(":")
+    models.input_size(name)  # a clear error for an unknown name
+    weights = weights or "default"
+    if weights not in ("default", "random") and not Path(weights).is_file():
+        raise ManipBenchError(f"model {spec!r}: no such weights file {weights!r}; use NAME, "
+                              f"NAME:random or NAME:PATH_TO_STATE_DICT")
+    return name, weights
+
+
+def _model_list(specs):
+    if isinstance(specs, str):
+        specs = specs.split(",")
+    specs = [s.strip() for s in specs if s.strip()]
+    if not specs:
+        raise ManipBenchError(f"no models given; available: {', '.join(models.available())}")
+    for spec in specs:
+        parse_model(spec)
+    return list(dict.fromkeys(specs))
+
+
+def sample_pairs(source=BUNDLED, n=None, seed=0):
+    """``(original, target)`` pairs from a folder, an ImageFolder tree, a CSV or ``bundled``.
+
+    Folders and CSV files follow :func:`manip_bench.data.image_pairs`. ``bundled`` draws
+    ``n`` (default 12) distinct ordered pairs of different photos among
+    :data:`manip_bench.data.BUNDLED_IMAGES`, so an original may recur with another target.
+    """
+    if str(source) != BUNDLED:
+        return data.image_pairs(source, n, seed)
+    names = data.BUNDLED_IMAGES
+    everything = [(a, b) for a in names for b in names if a != b]
+    n = len(names) if n is None else n
+    if not isinstance(n, int) or not 1 <= n <= len(everything):
+        raise ManipBenchError(f"bundled images give 1 to {len(everything)} pairs, {n!r} asked; "
+                              f"give a folder or CSV with --pairs for more")
+    return random.Random(seed).sample(everything, n)
+
+
+def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, seed=0,
+              preset="paper", attributor_options=None, **overrides):
+    """A checked :class:`Grid` of ``attributors`` (names or groups) x ``models`` x ``n`` pairs.
+
+    Parameters
+    ----------
+    attributors : str or list
+        Registry names and groups (``gradient``, ``lrp``, ``all``), list or comma-separated.
+    models : str or list
+        Zoo names, each optionally ``name:weights`` (``random`` or a state_dict path).
+    pairs : str or path
+        ``"bundled"``, a folder / ImageFolder tree of images, or a CSV with columns
+        ``original,target``; ``n`` pairs are drawn with ``seed`` (CSV: the first ``n`` rows).
+    preset : str
+        ``"paper"`` (each method's own preset) or a key of ``manip_bench.attack.PRESETS``.
+    attributor_options : dict, optional
+        ``{registry name: {option: value}}`` passed to ``attributors.create``.
+    **overrides
+        :class:`~manip_bench.attack.AttackConfig` fields for every cell (``iterations``, ``lr``...).
+    """
+    names = resolve_attributors(attributors)
+    attributor_options = attributor_options or {}
+    unknown = sorted(set(attributor_options) - set(names))
+    if unknown:
+        raise ManipBenchError(f"attributor_options for {', '.join(unknown)}, which is not in the grid")
+    methods = [Method(name, None, dict(attributor_options.get(name, {}))) for name in names]
+    return _checked_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
+
+
+def _checked_grid(methods, model_specs, pairs, n, seed, preset, overrides, kind):
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    for method in methods:
+        unknown = sorted(set(method.options) - set(attributors.options(method.attributor)))
+        if unknown:
+            raise ManipBenchError(f"{method.attributor} does not take option(s) "
+                                  f"{', '.join(unknown)}")
+        make_config(attributors.get_class(method.attributor).preset if preset == "paper"
+                    else preset, **overrides)  # unknown preset / bad values fail now, not later
+    return Grid(methods=list(methods), models=_model_list(model_specs),
+                pairs=[tuple(map(str, p)) for p in sample_pairs(pairs, n, seed)],
+                pair_source=str(pairs), preset=preset, overrides=overrides, seed=seed, kind=kind)
+
+
+def parse_shard(text):
+    """``"i/N"`` -> ``(i, N)`` with 0 <= i < N."""
+    try:
+        index, count = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ManipBenchError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ManipBenchError(f"shard {text!r}: need 0 <= i < N")
+    return index, count
+
+
+def shard_from_env(environ=None):
+    """``(RANK, WORLD_SIZE)`` from torchrun's environment, or ``None`` outside torchrun."""
+    environ = os.environ if environ is None else environ
+    if int(environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return parse_shard(f"{environ.get('RANK', '0')}/{environ['WORLD_SIZE']}")
+
+
+def shard_pairs(n_pairs, shard=None):
+    """Pair indices of ``shard`` ``(i, N)``: every N-th, starting at i (all when ``None``)."""
+    if shard is None:
+        return list(range(n_pairs))
+    index, count = shard
+    return list(range(index, n_pairs, count))
+
+
+def default_out_dir(root="bench-out", shard=None):
+    """A new folder under ``root`` named by the time (shards must agree on one: give --out)."""
+    if shard is not None and shard[1] > 1:
+        raise ManipBenchError("a sharded run needs an explicit output folder (--out) shared "
+                              "by all shards")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    return path
+
+
+def _device(name, shard):
+    """``pick_device``, with torchrun's ``LOCAL_RANK`` choosing the GPU of an ``auto``/``cuda`` run."""
+    device = pick_device(name)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", int(local_rank) % torch.cuda.device_count())
+    return device
+
+
+def prepare_folder(out, grid, run_info):
+    """Create ``out`` with ``config.json``, or check that its config matches ``grid``.
+
+    A folder that holds a different grid, or files but no ``config.json``, is refused.
+    """
+    out = Path(out)
+    path = out / CONFIG_NAME
+    wanted = grid.to_json()
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())["grid"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ManipBenchError(f"{path} is damaged ({error}); use a new output folder") from error
+        if stored != wanted:
+            differ = [key for key in wanted if stored.get(key) != wanted[key]]
+            raise ManipBenchError(
+                f"{out} holds results of a different configuration (differs in: "
+                f"{', '.join(differ)}); rerun with the original settings to resume, or choose "
+                f"a new output folder")
+        return json.loads(path.read_text())
+    if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ManipBenchError(f"{out} is not empty and has no {CONFIG_NAME}; choose a new or "
+                              f"empty output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"grid": wanted, "seed": grid.seed, **run_info}
+    staging = out / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(config, indent=2))
+    os.replace(staging, path)  # atomic: shards starting together each see a whole file
+    return config
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What :func:`run_grid` did: the folder, results written now, results found done."""
+
+    out: Path
+    written: int
+    skipped: int
+    total: int
+    results_file: Path
+
+
+def make_progress(console=None):
+    """The rich ``Progress`` the runner draws (overall, per cell, per attack)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
+             progress=False, console=None, on_rows=None):
+    """Run (or resume) ``grid`` into folder ``out``; returns a :class:`RunSummary`.
+
+    Parameters
+    ----------
+    grid : Grid
+    out : path
+        Results folder: ``config.json``, ``results*.jsonl``, ``examples/<cell>.pt``.
+    batch_size : int
+        Pairs attacked together (results are written after each batch).
+    device : str
+        ``auto`` (CUDA if available; under torchrun the ``LOCAL_RANK`` GPU), ``cpu``, ``cuda:1``...
+    shard : tuple or str, optional
+        ``(i, N)`` or ``"i/N"``: run every N-th pair starting at i, into
+        ``results-rank{i}-of-{N}.jsonl``. Default: torchrun's ``RANK``/``WORLD_SIZE``, else all.
+    threads : int, optional
+        CPU threads (default: 1 for small inputs, see ``experiment.pick_threads``).
+    progress : bool or rich.progress.Progress
+        Draw an overall bar, a bar per cell and the attack's own bar.
+    on_rows : callable, optional
+        Called with each batch's rows after they are on disk.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ManipBenchError(f"batch size must be a positive integer, got {batch_size!r}")
+    shard = parse_shard(shard) if isinstance(shard, str) else shard or shard_from_env()
+    device = _device(device, shard)
+    out = Path(out)
+    prepare_folder(out, grid, {"kind": grid.kind, "versions": versions(), "device": str(device),
+                               "batch_size": batch_size, "shard": list(shard) if shard else None,
+                               "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    done = {row_key(row) for row in read_results(out)}
+    indices = shard_pairs(len(grid.pairs), shard)
+    plan = [(model, method, [i for i in indices if _key(method, model, i) not in done])
+            for model in grid.models for method in grid.methods]
+    total = len(plan) * len(indices)
+    pending = sum(len(todo) for _, _, todo in plan)
+    results_file = out / results_name(shard)
+    bar = make_progress(console) if progress is True else progress or None
+    written = 0
+    with ResultsWriter(results_file) as writer, (bar or _NoProgress()):
+        overall = bar.add_task(f"grid ({out.name})", total=total, completed=total - pending) \
+            if bar else None
+        net, loaded = None, None
+        for model, method, todo in plan:
+            if not todo:
+                continue
+            if loaded != model:
+                name, weights = parse_model(model)
+                net, loaded = None, None  # free the previous model first
+                net, loaded = models.load(name, weights, device), model
+                size = models.input_size(name)
+                pick_threads(device, size, threads)
+            attack = ManipulationAttack(net, method.attributor, preset=grid.preset,
+                                        smooth_beta=method.smooth_beta,
+                                        attributor_options=method.options,
+                                        progress=bar or False, **grid.overrides)
+            cell = bar.add_task(f"{method.label()} on {model}", total=len(todo)) if bar else None
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                rows = _run_batch(attack, grid, model, method, batch, size, device, out)
+                writer.append(rows)
+                written += len(rows)
+                if bar:
+                    bar.update(cell, advance=len(rows))
+                    bar.update(overall, advance=len(rows))
+                if on_rows is not None:
+                    on_rows(rows)
+            if bar:
+                bar.remove_task(cell)
+    return RunSummary(out=out, written=written, skipped=total - pending, total=total,
+                      results_file=results_file)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _key(method, model, pair):
+    return row_key({"attributor": method.attributor, "model": model,
+                    "smooth_beta": method.smooth_beta, "options": method.options, "pair": pair})
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_batch(attack, grid, model, method, batch, size, device, out):
+    """Attack one batch of pairs; save the cell's example if pair 0 is in it; return rows."""
+    seed = zlib.crc32(f"{grid.seed}/{method.cell_id(model)}/{batch[0]}".encode())
+    torch.manual_seed(seed)  # the same batch gets the same noise on every rerun
+    pairs = [grid.pairs[i] for i in batch]
+    x = data.load_batch([p[0] for p in pairs], size).to(device)
+    x_target = data.load_batch([p[1] for p in pairs], size).to(device)
+    target = attack.target_maps(x_target)  # also warms the explainer up for the timing
+    _synchronize(device)
+    start = time.perf_counter()
+    attack.evaluate(x)
+    _synchronize(device)
+    explain_seconds = (time.perf_counter() - start) / len(batch)
+    result = attack(x, target)
+    if 0 in batch:
+        _save_example(out, method.cell_id(model), result, batch.index(0), x_target, method,
+                      model, grid.pairs[0])
+    rows = []
+    for j, index in enumerate(batch):
+        rows.append({
+            "attributor": method.attributor, "model": model, "pair": index,
+            "original": pairs[j][0], "target": pairs[j][1], "smooth_beta": method.smooth_beta,
+            "options": method.options, "preset": attack.preset, "iterations": result.iterations,
+            "seconds": result.seconds / len(batch), "explain_seconds": explain_seconds,
+            "batch": len(batch), "device": str(device),
+            "original_class": int(result.original_class[j]),
+            "metrics": {key: values[j] for key, values in result.metrics.items()},
+        })
+    return rows
+
+
+def _save_example(out, cell_id, result, j, x_target, method, model, pair):
+    """``examples/<cell>.pt``: the images and maps of one pair, half precision, written atomically."""
+    folder = Path(out) / EXAMPLES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def half(tensor):
+        return tensor[j].detach().to("cpu", torch.float16).clone()
+
+    example = {
+        "attributor": method.attributor, "model": model, "smooth_beta": method.smooth_beta,
+        "options": dict(method.options), "label": method.label(), "pair": 0,
+        "original": pair[0], "target": pair[1],
+        "x": half(result.x), "x_adv": half(result.x_adv), "x_target": half(x_target),
+        "original_map": half(result.original_map), "adversarial_map": half(result.adversarial_map),
+        "target_map": half(result.target_map),
+        "metrics": {key: values[j] for key, values in result.metrics.items()},
+    }
+    staging = folder / f".{cell_id}.{os.getpid()}.tmp"
+    torch.save(example, staging)
+    os.replace(staging, folder / f"{cell_id}.pt")
+
+
+def load_examples(out):
+    """Every saved example of a results folder, as dicts (tensors in float32)."""
+    examples = []
+    for path in sorted((Path(out) / EXAMPLES_DIR).glob("*.pt")):
+        example = torch.load(path, weights_only=True, map_location="cpu")
+        examples.append({key: value.float() if isinstance(value, torch.Tensor) else value
+                         for key, value in example.items()})
+    return examples
+
+
+__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "default_out_dir", "load_examples",
+           "make_grid", "make_progress", "method_of", "parse_model", "parse_shard",
+           "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs", "shard_from_env",
+           "shard_pairs"]

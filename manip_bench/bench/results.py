@@ -1,0 +1,165 @@
+"""Results as JSON lines: appended durably, read back tolerantly, shards merged.
+
+One line per (method, model, pair). A batch of lines is written with one ``write``,
+then ``flush`` and ``os.fsync``, so a finished result survives Ctrl-C, ``kill -9`` or a
+power cut. A process killed in the middle of a write can leave a truncated last line:
+readers ignore it, and :class:`ResultsWriter` cuts it off before appending again.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+from ..errors import ManipBenchError
+
+#: every results file in a folder (one per shard, or ``results.jsonl`` for a single run)
+RESULTS_GLOB = "results*.jsonl"
+
+
+def results_name(shard=None):
+    """``results.jsonl``, or ``results-rank{i}-of-{n}.jsonl`` for shard ``(i, n)``."""
+    if shard is None or shard[1] == 1:
+        return "results.jsonl"
+    return f"results-rank{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def options_key(options):
+    """Canonical text of an attributor-options dict (part of a row's identity)."""
+    return json.dumps(options or {}, sort_keys=True)
+
+
+def cell_key(row):
+    """What identifies a cell: attributor, model, smoothing beta and attributor options."""
+    return (row["attributor"], row["model"], row.get("smooth_beta"), options_key(row.get("options")))
+
+
+def row_key(row):
+    """What identifies a result: its cell and the pair index."""
+    return (*cell_key(row), row["pair"])
+
+
+def _plain(value):
+    """JSON-safe copy: NaN/inf become ``None`` (strict JSON), tuples lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def repair(path):
+    """Make ``path`` end at a line boundary before appending; returns the bytes cut off.
+
+    A complete JSON object that merely lacks its newline is kept (the newline is added);
+    anything else after the last newline is a write interrupted mid-line and is dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as file:
+        data = file.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        cut = data.rfind(b"\n") + 1
+        try:
+            complete = isinstance(json.loads(data[cut:]), dict)
+        except ValueError:
+            complete = False
+        if complete:
+            file.write(b"\n")
+            dropped = 0
+        else:
+            file.truncate(cut)
+            dropped = len(data) - cut
+        file.flush()
+        os.fsync(file.fileno())
+    return dropped
+
+
+class ResultsWriter:
+    """Append rows to one JSONL file, each batch flushed and fsync'ed to disk.
+
+    Opening repairs a truncated last line left by an interrupted run. Use as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped = repair(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, rows):
+        """Write ``rows`` (dicts) as JSON lines, durably, in one write."""
+        text = "".join(json.dumps(_plain(row), allow_nan=False) + "\n" for row in rows)
+        if text:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_rows(path):
+    """Rows of one JSONL file; an unfinished last line (a killed writer) is ignored.
+
+    A damaged line anywhere else is an error naming the file and line.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if number == len(lines):  # after the last newline: an interrupted write
+                continue
+            raise ManipBenchError(f"{path}: line {number} is not a JSON result row; remove the "
+                                  f"line (or the file) and rerun to recompute it")
+        rows.append(row)
+    return rows
+
+
+def results_files(folder):
+    """All results files of a folder (every shard), sorted by name."""
+    return sorted(Path(folder).glob(RESULTS_GLOB))
+
+
+def read_results(folder):
+    """Every row in ``folder``'s results files, merged; the first of any duplicate kept.
+
+    Rows are sorted by method, model and pair, so a merged sharded run reads the same as
+    an unsharded one.
+    """
+    seen, rows = set(), []
+    for path in results_files(folder):
+        for row in read_rows(path):
+            key = row_key(row)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return sorted(rows, key=_sort_key)
+
+
+def _sort_key(row):
+    beta = row.get("smooth_beta")
+    return (row["model"], row["attributor"], beta is not None, beta or 0.0,
+            options_key(row.get("options")), row["pair"])
+
+
+__all__ = ["RESULTS_GLOB", "ResultsWriter", "cell_key", "options_key", "read_results",
+           "read_rows", "repair", "results_files", "results_name", "row_key"]
