@@ -195,11 +195,13 @@ def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, see
     if unknown:
         raise ManipBenchError(f"attributor_options for {', '.join(unknown)}, which is not in the grid")
     methods = [Method(name, None, dict(attributor_options.get(name, {}))) for name in names]
-    return _checked_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
+    return build_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
 
 
-def _checked_grid(methods, model_specs, pairs, n, seed, preset, overrides, kind):
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="paper", overrides=None,
+               kind="bench"):
+    """A checked :class:`Grid` from explicit :class:`Method` s (``make_grid`` builds them from names)."""
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     for method in methods:
         unknown = sorted(set(method.options) - set(attributors.options(method.attributor)))
         if unknown:
@@ -463,7 +465,7 @@ def load_examples(out):
     return examples
 
 
-__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "default_out_dir", "load_examples",
+__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir", "load_examples",
            "make_grid", "make_progress", "method_of", "parse_model", "parse_shard",
            "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs", "shard_from_env",
            "shard_pairs"]

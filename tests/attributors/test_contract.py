@@ -31,7 +31,8 @@ def assert_unchanged(model, before):
 
 
 # pattern.* need patterns estimated for the model: their contract is in tests/test_patterns.py
-@pytest.mark.parametrize("name", [n for n in attributors.available() if not n.startswith("pattern.")])
+@pytest.mark.parametrize("name", [name for name in attributors.available()
+                                  if not name.startswith("pattern.")])
 def test_model_unchanged_after_create_and_explain(name, plain_cnn, images):
     plain_cnn.train()  # an unusual mode the attributor must not change
     plain_cnn.features[0].weight.requires_grad_(False)

@@ -1,0 +1,346 @@
+"""Report on a results folder: summary table and CSV, box plots, example grids, β sweep.
+
+Everything is rebuilt from the folder alone: the rows of every ``results*.jsonl`` (merged
+over shards) and the example tensors in ``examples/``. ``config.json`` is only read to
+tell a β sweep from a plain grid.
+"""
+import csv
+import json
+import math
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from ..errors import ManipBenchError  # noqa: E402
+from .grid import CONFIG_NAME, load_examples, method_of  # noqa: E402
+from .results import cell_key, read_results  # noqa: E402
+
+#: metrics in the printed table (summary.csv holds every metric)
+TABLE_METRICS = ("expl_target_pcc", "expl_target_ssim", "expl_target_mse", "expl_original_pcc",
+                 "input_ssim", "input_linf")
+#: the paper's Fig. 3 panels: explanation vs target (top), image vs original (bottom)
+BOX_METRICS = (("expl_target_mse", "expl_target_ssim", "expl_target_pcc"),
+               ("input_mse", "input_ssim", "input_pcc"))
+#: the β sweep's panels (rows); each panel shows vs-target and vs-original
+SWEEP_METRICS = ("pcc", "ssim", "mse")
+SMOOTHGRAD = "captum.smoothgrad"
+
+
+def _values(rows, key):
+    """Float array of one metric (``None``/NaN -> NaN; booleans -> 0/1)."""
+    return np.array([math.nan if row["metrics"].get(key) is None else float(row["metrics"][key])
+                     for row in rows], dtype=float)
+
+
+def _stats(values):
+    """Median, 10th and 90th percentile, NaNs ignored (all NaN -> NaN)."""
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return math.nan, math.nan, math.nan
+    return tuple(float(v) for v in np.percentile(values, [50, 10, 90]))
+
+
+def group_cells(rows):
+    """``{cell key: rows}`` in row order (rows from :func:`read_results` are sorted)."""
+    cells = OrderedDict()
+    for row in rows:
+        cells.setdefault(cell_key(row), []).append(row)
+    return cells
+
+
+def summarize(rows):
+    """One dict per cell: identity, ``n``, seconds, and ``<metric>_median/_p10/_p90``.
+
+    ``class_kept`` is summarised as ``class_kept_fraction``. Times are per image:
+    ``seconds`` (the attack) and ``explain_seconds`` (one explanation), medians.
+    """
+    summary = []
+    for group in group_cells(rows).values():
+        first = group[0]
+        entry = {"attributor": first["attributor"], "model": first["model"],
+                 "smooth_beta": first.get("smooth_beta"),
+                 "options": json.dumps(first.get("options") or {}, sort_keys=True),
+                 "label": method_of(first).label(), "n": len(group),
+                 "iterations": int(np.median([row["iterations"] for row in group])),
+                 "seconds": float(np.median([row["seconds"] for row in group])),
+                 "explain_seconds": float(np.median([row.get("explain_seconds", math.nan)
+                                                      for row in group]))}
+        keys = list(dict.fromkeys(key for row in group for key in row["metrics"]))
+        for key in keys:
+            values = _values(group, key)
+            if key == "class_kept":
+                entry["class_kept_fraction"] = float(np.nanmean(values))
+                continue
+            entry[f"{key}_median"], entry[f"{key}_p10"], entry[f"{key}_p90"] = _stats(values)
+        summary.append(entry)
+    return summary
+
+
+def write_csv(entries, path):
+    """Write dicts as CSV (columns: the union of keys, in first-seen order)."""
+    columns = list(dict.fromkeys(key for entry in entries for key in entry))
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for entry in entries:
+            writer.writerow({key: "" if entry.get(key) is None else entry.get(key)
+                             for key in columns})
+    return Path(path)
+
+
+def _fmt(value):
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.3g}"
+
+
+def _spread(entry, key):
+    return (f"{_fmt(entry.get(key + '_median'))} "
+            f"[{_fmt(entry.get(key + '_p10'))}, {_fmt(entry.get(key + '_p90'))}]")
+
+
+def summary_table(summary, title="manipulation results: median [10th, 90th percentile]"):
+    """A rich ``Table`` of the summary (one row per cell)."""
+    table = Table(title=title)
+    table.add_column("method", no_wrap=True)
+    table.add_column("model")
+    table.add_column("n", justify="right")
+    for key in TABLE_METRICS:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("class kept", justify="right")
+    table.add_column("s / image", justify="right")
+    for entry in summary:
+        kept = entry.get("class_kept_fraction")
+        table.add_row(entry["label"], entry["model"], str(entry["n"]),
+                      *(_spread(entry, key) for key in TABLE_METRICS),
+                      "–" if kept is None else f"{round(kept * entry['n'])}/{entry['n']}",
+                      _fmt(entry["seconds"]))
+    return table
+
+
+def _models(rows):
+    return list(dict.fromkeys(row["model"] for row in rows))
+
+
+def _file_slug(text):
+    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in str(text))
+
+
+def box_plots(rows, out):
+    """Fig. 3 layout per model: one panel per metric, one box per method. Returns the paths."""
+    paths = []
+    for model in _models(rows):
+        cells = [group for group in group_cells(rows).values() if group[0]["model"] == model]
+        labels = [method_of(group[0]).label() for group in cells]
+        fig, axes = plt.subplots(2, 3, figsize=(max(9.0, 0.55 * len(cells) * 3), 7), squeeze=False)
+        for r, keys in enumerate(BOX_METRICS):
+            for c, key in enumerate(keys):
+                ax = axes[r, c]
+                data = [v[~np.isnan(v)] for v in (_values(group, key) for group in cells)]
+                ax.boxplot(data, whis=(10, 90), showfliers=True)
+                ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right",
+                              fontsize=7)
+                ax.set_title(key.replace("_", " "), fontsize=9)
+                if key.endswith("mse") and all(v.size and v.min() > 0 for v in data):
+                    ax.set_yscale("log")
+        fig.suptitle(f"{model}: explanation vs target (top), image vs original (bottom); "
+                     f"whiskers 10th/90th percentile", fontsize=10)
+        fig.tight_layout()
+        path = Path(out) / f"boxplots__{_file_slug(model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _show_image(ax, tensor):
+    ax.imshow(tensor.permute(1, 2, 0).clamp(0, 1).numpy())
+
+
+def _show_map(ax, tensor):
+    ax.imshow(tensor.numpy(), cmap="inferno")
+
+
+def example_grids(out, order=None):
+    """Per model: one row per method, original/manipulated/target images and their maps."""
+    examples = load_examples(out)
+    if order is not None:  # the summary's order
+        rank = {key: i for i, key in enumerate(order)}
+        examples.sort(key=lambda e: rank.get(_example_key(e), len(rank)))
+    paths = []
+    columns = (("x", "original", _show_image), ("x_adv", "manipulated", _show_image),
+               ("x_target", "target image", _show_image),
+               ("original_map", "original map", _show_map),
+               ("adversarial_map", "manipulated map", _show_map),
+               ("target_map", "target map", _show_map))
+    for model in dict.fromkeys(e["model"] for e in examples):
+        chosen = [e for e in examples if e["model"] == model]
+        fig, axes = plt.subplots(len(chosen), len(columns), squeeze=False,
+                                 figsize=(1.7 * len(columns), 1.8 * len(chosen) + 0.4))
+        for r, example in enumerate(chosen):
+            for c, (key, title, show) in enumerate(columns):
+                ax = axes[r, c]
+                show(ax, example[key])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(title, fontsize=8)
+            pcc = example["metrics"].get("expl_target_pcc")
+            axes[r, 0].set_ylabel(f"{example['label']}\nPCC {_fmt(pcc)}", fontsize=7)
+        fig.suptitle(f"{model}: pair 0", fontsize=9)
+        fig.tight_layout()
+        path = Path(out) / f"examples__{_file_slug(model)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _example_key(example):
+    return cell_key({"attributor": example["attributor"], "model": example["model"],
+                     "smooth_beta": example["smooth_beta"], "options": example["options"]})
+
+
+# ---- the β sweep (paper Fig. 4) -------------------------------------------------------------
+
+
+def is_sweep(out, rows):
+    """A folder written by ``manip-bench smooth`` (or any rows with a smoothing beta)."""
+    config = Path(out) / CONFIG_NAME
+    if config.exists():
+        try:
+            return json.loads(config.read_text()).get("kind") == "smooth"
+        except ValueError:
+            pass
+    return any(row.get("smooth_beta") is not None for row in rows)
+
+
+def _series(summary):
+    """``{(model, series name): [(x, entry)]}``: β (inf for ReLU) per attributor, σ for SmoothGrad."""
+    series = OrderedDict()
+    for entry in summary:
+        options = json.loads(entry["options"])
+        if entry["attributor"] == SMOOTHGRAD and "stdev" in options and entry["smooth_beta"] is None:
+            name, x = "SmoothGrad (σ)", float(options["stdev"])
+        else:
+            name = entry["attributor"] + (f" {entry['options']}" if options else "")
+            x = math.inf if entry["smooth_beta"] is None else float(entry["smooth_beta"])
+        series.setdefault((entry["model"], name), []).append((x, entry))
+    return {key: sorted(points, key=lambda p: p[0]) for key, points in series.items()}
+
+
+def sweep_summary(summary):
+    """Summary entries of a sweep with ``series`` (attributor or SmoothGrad) and its ``x``."""
+    return [{"series": name, "x": x, **entry}
+            for (_, name), points in _series(summary).items() for x, entry in points]
+
+
+def sweep_table(entries):
+    """The β sweep as a rich table, with the measured cost of one explanation."""
+    table = Table(title="β-smoothing vs SmoothGrad: median [10th, 90th percentile]")
+    for column in ("method", "model", "β / σ", "n"):
+        table.add_column(column, no_wrap=column == "method")
+    for key in ("expl_target_pcc", "expl_original_pcc", "input_ssim"):
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("class kept", justify="right")
+    table.add_column("ms / explanation", justify="right")
+    table.add_column("attack s / image", justify="right")
+    for e in entries:
+        setting = "ReLU" if e["x"] == math.inf else f"{e['x']:g}"
+        kept = e.get("class_kept_fraction")
+        table.add_row(e["series"], e["model"], setting, str(e["n"]),
+                      *(_spread(e, key) for key in ("expl_target_pcc", "expl_original_pcc",
+                                                    "input_ssim")),
+                      "–" if kept is None else f"{round(kept * e['n'])}/{e['n']}",
+                      _fmt(1000 * e["explain_seconds"]), _fmt(e["seconds"]))
+    return table
+
+
+def sweep_figure(entries, path):
+    """Paper Fig. 4: similarity of the manipulated map to the target and to the original
+    map vs β (one column per attributor; SmoothGrad vs σ), median line, 10–90 % band."""
+    series = OrderedDict()
+    for e in entries:
+        series.setdefault((e["model"], e["series"]), []).append(e)
+    fig, axes = plt.subplots(len(SWEEP_METRICS), len(series), squeeze=False,
+                             figsize=(3.6 * len(series), 2.6 * len(SWEEP_METRICS)))
+    for c, ((model, name), points) in enumerate(series.items()):
+        finite = [p for p in points if p["x"] != math.inf]
+        relu = [p for p in points if p["x"] == math.inf]
+        for r, metric in enumerate(SWEEP_METRICS):
+            ax = axes[r, c]
+            for against, colour in (("target", "tab:red"), ("original", "tab:blue")):
+                key = f"expl_{against}_{metric}"
+                if finite:
+                    xs = [p["x"] for p in finite]
+                    ax.plot(xs, [p[f"{key}_median"] for p in finite], "o-", color=colour,
+                            label=f"vs {against}")
+                    ax.fill_between(xs, [p[f"{key}_p10"] for p in finite],
+                                    [p[f"{key}_p90"] for p in finite], color=colour, alpha=0.2)
+                for p in relu:
+                    ax.axhline(p[f"{key}_median"], color=colour, linestyle="--", linewidth=1,
+                               label=f"vs {against}, ReLU")
+            if finite:
+                ax.set_xscale("log")
+                ax.set_xticks([p["x"] for p in finite], [f"{p['x']:g}" for p in finite],
+                              fontsize=7)
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if metric == "mse":
+                ax.set_yscale("log")
+            ax.set_xlabel("σ (input range 1)" if name.startswith("SmoothGrad") else "β")
+            ax.set_ylabel(metric.upper(), fontsize=9)
+            if r == 0:
+                ax.set_title(f"{name}\n{model}", fontsize=9)
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def report(out, console=None, figures=True):
+    """Summarise folder ``out``: print tables, write ``summary.csv`` and the figures.
+
+    Returns ``{"summary": [...], "files": [paths]}``; a β sweep also writes
+    ``smooth.csv`` and ``smooth.png`` and returns ``"sweep"``.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise ManipBenchError(f"{out}: no such results folder")
+    rows = read_results(out)
+    if not rows:
+        raise ManipBenchError(f"{out}: no results (results*.jsonl) to report on yet")
+    summary = summarize(rows)
+    files = [write_csv(summary, out / "summary.csv")]
+    if console is not None:
+        console.print(summary_table(summary))
+    if figures:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # tight_layout on crowded grids
+            files += box_plots(rows, out)
+            files += example_grids(out, order=list(group_cells(rows)))
+    result = {"summary": summary, "files": files}
+    if is_sweep(out, rows):
+        entries = sweep_summary(summary)
+        files.append(write_csv(entries, out / "smooth.csv"))
+        if figures:
+            files.append(sweep_figure(entries, out / "smooth.png"))
+        if console is not None:
+            console.print(sweep_table(entries))
+        result["sweep"] = entries
+    if console is not None:
+        console.print(f"{len(rows)} results; wrote " + ", ".join(p.name for p in files)
+                      + f" in {out}", highlight=False)
+    return result
+
+
+__all__ = ["BOX_METRICS", "TABLE_METRICS", "box_plots", "example_grids", "group_cells", "is_sweep",
+           "report", "summarize", "summary_table", "sweep_figure", "sweep_summary", "sweep_table",
+           "write_csv"]
