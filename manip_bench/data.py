@@ -126,12 +126,36 @@ def image_pairs(source, n=None, seed=0):
                           f"images or a CSV file with columns original,target")
 
 
-def _folder_pairs(folder, n, seed):
-    files = sorted(
+def _relative_image_paths(folder):
+    """Image files under ``folder`` (recursive, hidden ones skipped), relative, sorted."""
+    return sorted(
         (path.relative_to(folder) for path in folder.rglob("*")
          if path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
          and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
         key=lambda path: path.as_posix())
+
+
+def image_files(folder, n=None, seed=0):
+    """Image files in ``folder`` (searched recursively, e.g. an ImageFolder tree).
+
+    All of them sorted, or ``n`` distinct ones drawn with ``random.Random(seed)`` (the
+    same on every machine).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManipBenchError(f"{folder}: no such folder of images")
+    files = [folder / path for path in _relative_image_paths(folder)]
+    if not files:
+        raise ManipBenchError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)})")
+    if n is None:
+        return files
+    if not isinstance(n, int) or not 1 <= n <= len(files):
+        raise ManipBenchError(f"{folder}: asked for {n!r} images, it has {len(files)}")
+    return random.Random(seed).sample(files, n)
+
+
+def _folder_pairs(folder, n, seed):
+    files = _relative_image_paths(folder)
     if len(files) < 2:
         raise ManipBenchError(f"{folder}: found {len(files)} image(s) "
                               f"({', '.join(IMG_EXTENSIONS)}); pairs need at least 2")
@@ -182,5 +206,5 @@ def _csv_pairs(path, n):
     return pairs
 
 
-__all__ = ["BUNDLED_IMAGES", "DEFAULT_IMAGE", "DEFAULT_TARGET_IMAGE", "image_pairs",
+__all__ = ["BUNDLED_IMAGES", "DEFAULT_IMAGE", "DEFAULT_TARGET_IMAGE", "image_files", "image_pairs",
            "load_batch", "load_image", "load_target_map", "save_image"]

@@ -21,11 +21,12 @@ from .grid import (BUNDLED, Grid, Method, RunSummary, build_grid, default_out_di
                    make_grid, parse_model, parse_shard, resolve_attributors, run_grid, sample_pairs,
                    shard_from_env, shard_pairs)
 from .report import report, summarize
-from .results import ResultsWriter, read_results, read_rows, results_name, row_key
+from .results import (ResultsWriter, read_results, read_rows, results_files, results_name,
+                      row_key)
 from .smooth import DEFAULT_BETAS, DEFAULT_STDEVS, make_sweep, sweep_methods
 
 __all__ = ["BUNDLED", "DEFAULT_BETAS", "DEFAULT_STDEVS", "Grid", "Method", "ResultsWriter",
            "RunSummary", "build_grid", "default_out_dir", "load_examples", "make_grid",
            "make_sweep", "parse_model", "parse_shard", "read_results", "read_rows", "report",
-           "resolve_attributors", "results_name", "row_key", "run_grid", "sample_pairs",
-           "shard_from_env", "shard_pairs", "summarize", "sweep_methods"]
+           "resolve_attributors", "results_files", "results_name", "row_key", "run_grid",
+           "sample_pairs", "shard_from_env", "shard_pairs", "summarize", "sweep_methods"]

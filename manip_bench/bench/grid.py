@@ -7,6 +7,7 @@ shard in batches and appends one JSON line per finished result (see
 :mod:`manip_bench.bench.results`), skipping what the folder already holds, so rerunning
 the same command after an interruption completes the grid.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ CONFIG_NAME = "config.json"
 EXAMPLES_DIR = "examples"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Method:
     """One attributor setting: registry name, optional smoothing beta, options for ``create``."""
 
@@ -193,14 +194,15 @@ def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, see
     attributor_options = attributor_options or {}
     unknown = sorted(set(attributor_options) - set(names))
     if unknown:
-        raise ManipBenchError(f"attributor_options for {', '.join(unknown)}, which is not in the grid")
+        raise ManipBenchError(f"attributor_options given for {', '.join(unknown)}, which the "
+                              f"grid does not include")
     methods = [Method(name, None, dict(attributor_options.get(name, {}))) for name in names]
     return build_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
 
 
 def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="paper", overrides=None,
                kind="bench"):
-    """A checked :class:`Grid` from explicit :class:`Method` s (``make_grid`` builds them from names)."""
+    """A checked :class:`Grid` of explicit :class:`Method` objects (see :func:`make_grid`)."""
     overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     for method in methods:
         unknown = sorted(set(method.options) - set(attributors.options(method.attributor)))
@@ -253,8 +255,8 @@ def default_out_dir(root="bench-out", shard=None):
     return path
 
 
-def _device(name, shard):
-    """``pick_device``, with torchrun's ``LOCAL_RANK`` choosing the GPU of an ``auto``/``cuda`` run."""
+def _device(name):
+    """``pick_device``; under torchrun, ``LOCAL_RANK`` picks the GPU of an ``auto``/``cuda`` run."""
     device = pick_device(name)
     local_rank = os.environ.get("LOCAL_RANK")
     if device.type == "cuda" and device.index is None and local_rank is not None:
@@ -274,7 +276,8 @@ def prepare_folder(out, grid, run_info):
         try:
             stored = json.loads(path.read_text())["grid"]
         except (ValueError, KeyError, TypeError) as error:
-            raise ManipBenchError(f"{path} is damaged ({error}); use a new output folder") from error
+            raise ManipBenchError(f"{path} is damaged ({error}); use a new output "
+                                  f"folder") from error
         if stored != wanted:
             differ = [key for key in wanted if stored.get(key) != wanted[key]]
             raise ManipBenchError(
@@ -335,8 +338,11 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ManipBenchError(f"batch size must be a positive integer, got {batch_size!r}")
-    shard = parse_shard(shard) if isinstance(shard, str) else shard or shard_from_env()
-    device = _device(device, shard)
+    if shard is None:
+        shard = shard_from_env()
+    else:
+        shard = parse_shard(shard if isinstance(shard, str) else "/".join(map(str, shard)))
+    device = _device(device)
     out = Path(out)
     prepare_folder(out, grid, {"kind": grid.kind, "versions": versions(), "device": str(device),
                                "batch_size": batch_size, "shard": list(shard) if shard else None,
@@ -350,16 +356,16 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
     results_file = out / results_name(shard)
     bar = make_progress(console) if progress is True else progress or None
     written = 0
-    with ResultsWriter(results_file) as writer, (bar or _NoProgress()):
+    with ResultsWriter(results_file) as writer, \
+            (bar if progress is True else contextlib.nullcontext()):
         overall = bar.add_task(f"grid ({out.name})", total=total, completed=total - pending) \
             if bar else None
-        net, loaded = None, None
+        loaded = None
         for model, method, todo in plan:
             if not todo:
                 continue
             if loaded != model:
                 name, weights = parse_model(model)
-                net, loaded = None, None  # free the previous model first
                 net, loaded = models.load(name, weights, device), model
                 size = models.input_size(name)
                 pick_threads(device, size, threads)
@@ -382,14 +388,6 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
                 bar.remove_task(cell)
     return RunSummary(out=out, written=written, skipped=total - pending, total=total,
                       results_file=results_file)
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _key(method, model, pair):
@@ -434,7 +432,7 @@ def _run_batch(attack, grid, model, method, batch, size, device, out):
 
 
 def _save_example(out, cell_id, result, j, x_target, method, model, pair):
-    """``examples/<cell>.pt``: the images and maps of one pair, half precision, written atomically."""
+    """``examples/<cell>.pt``: one pair's images and maps (float16), written atomically."""
     folder = Path(out) / EXAMPLES_DIR
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -465,7 +463,7 @@ def load_examples(out):
     return examples
 
 
-__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir", "load_examples",
-           "make_grid", "make_progress", "method_of", "parse_model", "parse_shard",
-           "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs", "shard_from_env",
-           "shard_pairs"]
+__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir",
+           "load_examples", "make_grid", "make_progress", "method_of", "parse_model",
+           "parse_shard", "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs",
+           "shard_from_env", "shard_pairs"]

@@ -23,9 +23,10 @@ from ..errors import ManipBenchError  # noqa: E402
 from .grid import CONFIG_NAME, load_examples, method_of  # noqa: E402
 from .results import cell_key, read_results  # noqa: E402
 
-#: metrics in the printed table (summary.csv holds every metric)
-TABLE_METRICS = ("expl_target_pcc", "expl_target_ssim", "expl_target_mse", "expl_original_pcc",
-                 "input_ssim", "input_linf")
+#: metrics in the printed table, with their headers (summary.csv holds every metric)
+TABLE_METRICS = {"expl_target_pcc": "target\nPCC", "expl_target_ssim": "target\nSSIM",
+                 "expl_target_mse": "target\nMSE", "expl_original_pcc": "original\nPCC",
+                 "input_ssim": "image\nSSIM", "input_linf": "image\nL∞"}
 #: the paper's Fig. 3 panels: explanation vs target (top), image vs original (bottom)
 BOX_METRICS = (("expl_target_mse", "expl_target_ssim", "expl_target_pcc"),
                ("input_mse", "input_ssim", "input_pcc"))
@@ -96,32 +97,39 @@ def write_csv(entries, path):
     return Path(path)
 
 
-def _fmt(value):
+def _fmt(value, digits=3):
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.3g}"
+        else f"{value:.{digits}g}"
 
 
 def _spread(entry, key):
-    return (f"{_fmt(entry.get(key + '_median'))} "
-            f"[{_fmt(entry.get(key + '_p10'))}, {_fmt(entry.get(key + '_p90'))}]")
+    """``median`` over ``[p10, p90]`` on a second line (keeps the table narrow)."""
+    return (f"{_fmt(entry.get(key + '_median'))}\n"
+            f"[{_fmt(entry.get(key + '_p10'), 2)}, {_fmt(entry.get(key + '_p90'), 2)}]")
 
 
-def summary_table(summary, title="manipulation results: median [10th, 90th percentile]"):
-    """A rich ``Table`` of the summary (one row per cell)."""
-    table = Table(title=title)
+def _kept(entry):
+    kept = entry.get("class_kept_fraction")
+    return "–" if kept is None else f"{round(kept * entry['n'])}/{entry['n']}"
+
+
+def summary_table(summary):
+    """A rich ``Table`` of the summary: one row per cell, median and [10th, 90th] percentile."""
+    models = list(dict.fromkeys(entry["model"] for entry in summary))
+    table = Table(title=f"explanation manipulation on {', '.join(models)}: "
+                        f"median [10th, 90th percentile]")
     table.add_column("method", no_wrap=True)
-    table.add_column("model")
+    if len(models) > 1:
+        table.add_column("model")
     table.add_column("n", justify="right")
-    for key in TABLE_METRICS:
-        table.add_column(key.replace("_", " "), justify="right")
-    table.add_column("class kept", justify="right")
-    table.add_column("s / image", justify="right")
+    for header in TABLE_METRICS.values():
+        table.add_column(header, justify="right", overflow="fold")
+    table.add_column("class\nkept", justify="right")
+    table.add_column("s /\nimage", justify="right", overflow="fold")
     for entry in summary:
-        kept = entry.get("class_kept_fraction")
-        table.add_row(entry["label"], entry["model"], str(entry["n"]),
-                      *(_spread(entry, key) for key in TABLE_METRICS),
-                      "–" if kept is None else f"{round(kept * entry['n'])}/{entry['n']}",
-                      _fmt(entry["seconds"]))
+        table.add_row(entry["label"], *([entry["model"]] if len(models) > 1 else []),
+                      str(entry["n"]), *(_spread(entry, key) for key in TABLE_METRICS),
+                      _kept(entry), _fmt(entry["seconds"], 2))
     return table
 
 
@@ -223,11 +231,12 @@ def is_sweep(out, rows):
 
 
 def _series(summary):
-    """``{(model, series name): [(x, entry)]}``: β (inf for ReLU) per attributor, σ for SmoothGrad."""
+    """``{(model, series): [(x, entry)]}``: x is β (inf: ReLU), or σ for SmoothGrad."""
     series = OrderedDict()
     for entry in summary:
         options = json.loads(entry["options"])
-        if entry["attributor"] == SMOOTHGRAD and "stdev" in options and entry["smooth_beta"] is None:
+        if (entry["attributor"] == SMOOTHGRAD and "stdev" in options
+                and entry["smooth_beta"] is None):
             name, x = "SmoothGrad (σ)", float(options["stdev"])
         else:
             name = entry["attributor"] + (f" {entry['options']}" if options else "")
@@ -248,18 +257,16 @@ def sweep_table(entries):
     for column in ("method", "model", "β / σ", "n"):
         table.add_column(column, no_wrap=column == "method")
     for key in ("expl_target_pcc", "expl_original_pcc", "input_ssim"):
-        table.add_column(key.replace("_", " "), justify="right")
-    table.add_column("class kept", justify="right")
-    table.add_column("ms / explanation", justify="right")
-    table.add_column("attack s / image", justify="right")
+        table.add_column(TABLE_METRICS[key], justify="right", overflow="fold")
+    table.add_column("class\nkept", justify="right")
+    table.add_column("ms /\nexplanation", justify="right")
+    table.add_column("attack\ns / image", justify="right")
     for e in entries:
         setting = "ReLU" if e["x"] == math.inf else f"{e['x']:g}"
-        kept = e.get("class_kept_fraction")
         table.add_row(e["series"], e["model"], setting, str(e["n"]),
                       *(_spread(e, key) for key in ("expl_target_pcc", "expl_original_pcc",
                                                     "input_ssim")),
-                      "–" if kept is None else f"{round(kept * e['n'])}/{e['n']}",
-                      _fmt(1000 * e["explain_seconds"]), _fmt(e["seconds"]))
+                      _kept(e), _fmt(1000 * e["explain_seconds"], 2), _fmt(e["seconds"], 2))
     return table
 
 
@@ -305,6 +312,19 @@ def sweep_figure(entries, path):
     return Path(path)
 
 
+def _print(console, table):
+    """Print a table; into a file or pipe (a log) at least 160 columns wide, not cut to 80."""
+    if console.is_terminal or console.width >= 160:
+        console.print(table)
+        return
+    width = console.width
+    console.width = 160
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def report(out, console=None, figures=True):
     """Summarise folder ``out``: print tables, write ``summary.csv`` and the figures.
 
@@ -320,7 +340,7 @@ def report(out, console=None, figures=True):
     summary = summarize(rows)
     files = [write_csv(summary, out / "summary.csv")]
     if console is not None:
-        console.print(summary_table(summary))
+        _print(console, summary_table(summary))
     if figures:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # tight_layout on crowded grids
@@ -333,7 +353,7 @@ def report(out, console=None, figures=True):
         if figures:
             files.append(sweep_figure(entries, out / "smooth.png"))
         if console is not None:
-            console.print(sweep_table(entries))
+            _print(console, sweep_table(entries))
         result["sweep"] = entries
     if console is not None:
         console.print(f"{len(rows)} results; wrote " + ", ".join(p.name for p in files)

@@ -15,6 +15,14 @@ from ..errors import ManipBenchError
 #: every results file in a folder (one per shard, or ``results.jsonl`` for a single run)
 RESULTS_GLOB = "results*.jsonl"
 
+#: the keys of every result row (a public contract). ``pair`` indexes config.json's pairs;
+#: ``seconds`` is the attack's wall time per image (batch time / ``batch``),
+#: ``explain_seconds`` one explanation's; ``metrics`` holds every per-sample value of
+#: ``AttackResult.metrics`` (``None`` where a metric is undefined, e.g. PCC of a flat map)
+ROW_FIELDS = ("attributor", "model", "pair", "original", "target", "smooth_beta", "options",
+              "preset", "iterations", "seconds", "explain_seconds", "batch", "device",
+              "original_class", "metrics")
+
 
 def results_name(shard=None):
     """``results.jsonl``, or ``results-rank{i}-of-{n}.jsonl`` for shard ``(i, n)``."""
@@ -30,7 +38,8 @@ def options_key(options):
 
 def cell_key(row):
     """What identifies a cell: attributor, model, smoothing beta and attributor options."""
-    return (row["attributor"], row["model"], row.get("smooth_beta"), options_key(row.get("options")))
+    return (row["attributor"], row["model"], row.get("smooth_beta"),
+            options_key(row.get("options")))
 
 
 def row_key(row):
@@ -161,5 +170,5 @@ def _sort_key(row):
             options_key(row.get("options")), row["pair"])
 
 
-__all__ = ["RESULTS_GLOB", "ResultsWriter", "cell_key", "options_key", "read_results",
+__all__ = ["RESULTS_GLOB", "ROW_FIELDS", "ResultsWriter", "cell_key", "options_key", "read_results",
            "read_rows", "repair", "results_files", "results_name", "row_key"]

@@ -1,0 +1,73 @@
+"""`manip-bench bench`, `report` and `smooth` end to end, and their errors."""
+import csv
+
+import pytest
+
+from bench_fixtures import image_folder  # noqa: F401 - fixture
+from manip_bench import bench, cli
+
+TINY = ["--attributors", "captum.saliency,zennit.epsilon", "--n", "3", "--iterations", "2",
+        "--device", "cpu"]
+
+
+def test_bench_then_report(image_folder, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "6 results" in printed and "zennit.epsilon" in printed and "summary.csv" in printed
+    assert len(bench.read_results(out)) == 6
+    (out / "summary.csv").unlink()
+    assert cli.main(["report", str(out), "--no-figures"]) == 0
+    with open(out / "summary.csv") as file:
+        assert len(list(csv.DictReader(file))) == 2
+    # the same command resumes (nothing left); another configuration is refused
+    assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out)]) == 0
+    assert len(bench.read_results(out)) == 6
+    assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out),
+                     "--lr", "0.1"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+def test_sharded_bench_writes_its_own_file(image_folder, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    argv = ["bench", *TINY, "--attributors", "captum.saliency", "--pairs", str(image_folder),
+            "--out", str(out)]
+    assert cli.main([*argv, "--shard", "1/2"]) == 0
+    assert "manip-bench report" in capsys.readouterr().out
+    assert [p.name for p in bench.results_files(out)] == ["results-rank1-of-2.jsonl"]
+    assert cli.main(["bench", *TINY, "--shard", "0/2"]) == 2  # shards must share --out
+    assert "--out" in capsys.readouterr().err
+
+
+def test_smooth_command(image_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "smooth"
+    assert cli.main(["smooth", "--betas", "5", "--stdevs", "0.01", "--samples", "2", "--n", "1",
+                     "--iterations", "1", "--device", "cpu", "--pairs", str(image_folder),
+                     "--out", str(out)]) == 0
+    assert (out / "smooth.png").exists() and (out / "smooth.csv").exists()
+    assert len(bench.read_results(out)) == 3  # ReLU, beta 5, SmoothGrad
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--attributors", "captum.deconvolution"], "cannot be attacked"),
+    (["bench", "--models", "vgg17"], "unknown model"),
+    (["bench", "--n", "1000"], "bundled images give"),
+    (["bench", "--shard", "2/2"], "need 0 <= i < N"),
+    (["smooth", "--attributors", "zennit.epsilon"], "LRP is not smoothed"),
+    (["report", "/no/such/folder"], "no such results folder"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, *(["--out", str(tmp_path / "x")] if argv[0] != "report" else [])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_csv_with_a_missing_file_names_the_row(image_folder, tmp_path, capsys):  # noqa: F811
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"original,target\n{image_folder}/chelsea.png,{image_folder}/coffee.png\n"
+                     f"{image_folder}/missing.png,{image_folder}/coffee.png\n")
+    assert cli.main(["bench", "--attributors", "captum.saliency", "--pairs", str(table),
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "row 2" in err and "missing.png" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,95 @@
+"""Reports: rebuilt from the JSONL alone; summary CSV; figures; the β sweep."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from bench_fixtures import image_folder, tiny_grid  # noqa: F401 - fixtures
+from manip_bench import ManipBenchError, bench
+from manip_bench.bench.report import summarize
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_grid, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("bench") / "run"
+    bench.run_grid(tiny_grid, out, batch_size=3, device="cpu")
+    return out
+
+
+def test_report_writes_summary_and_figures(finished):
+    console = Console(record=True, width=250)
+    result = bench.report(finished, console=console)
+    names = {p.name for p in result["files"]}
+    assert names == {"summary.csv", "boxplots__cifar_vgg.png", "examples__cifar_vgg.png"}
+    assert all((finished / name).stat().st_size > 0 for name in names)
+    text = console.export_text()
+    assert "captum.saliency" in text and "zennit.epsilon" in text
+    assert "target" in text and "PCC" in text
+    with open(finished / "summary.csv") as file:
+        table = list(csv.DictReader(file))
+    assert [row["attributor"] for row in table] == ["captum.saliency", "zennit.epsilon"]
+    assert all(row["n"] == "3" for row in table)
+    for column in ("expl_target_pcc_median", "expl_target_pcc_p10", "expl_target_pcc_p90",
+                   "input_ssim_median", "class_kept_fraction", "seconds", "explain_seconds"):
+        assert column in table[0]
+    assert "sweep" not in result
+
+
+def test_summary_statistics_are_medians_and_percentiles(finished):
+    rows = bench.read_results(finished)
+    entry = summarize(rows)[0]
+    values = [r["metrics"]["expl_target_pcc"] for r in rows
+              if r["attributor"] == entry["attributor"]]
+    assert entry["expl_target_pcc_median"] == pytest.approx(np.median(values))
+    assert entry["expl_target_pcc_p10"] == pytest.approx(np.percentile(values, 10))
+    assert entry["expl_target_pcc_p90"] == pytest.approx(np.percentile(values, 90))
+
+
+def test_report_rebuilds_the_summary_from_the_jsonl_alone(finished, tmp_path):
+    alone = tmp_path / "copy"
+    alone.mkdir()
+    shutil.copy(finished / "results.jsonl", alone / "results-rank0-of-1.jsonl")
+    result = bench.report(alone)
+    assert result["summary"] == bench.report(finished, figures=False)["summary"]
+    assert (alone / "summary.csv").read_text() == (finished / "summary.csv").read_text()
+    assert (alone / "boxplots__cifar_vgg.png").exists()
+    assert not (alone / "examples__cifar_vgg.png").exists()  # no examples/ folder was copied
+
+
+def test_report_on_an_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ManipBenchError, match="no results"):
+        bench.report(tmp_path)
+    with pytest.raises(ManipBenchError, match="no such results folder"):
+        bench.report(tmp_path / "nope")
+
+
+def test_smooth_sweep_reports_beta_and_smoothgrad(image_folder, tmp_path):  # noqa: F811
+    sweep = bench.make_sweep(["captum.saliency"], betas=[2, 20], stdevs=[0.02], samples=2,
+                             pairs=image_folder, n=2, iterations=2)
+    labels = [m.label() for m in sweep.methods]
+    assert labels == ["captum.saliency", "captum.saliency β=2", "captum.saliency β=20",
+                      "captum.smoothgrad samples=2 σ=0.02"]
+    out = tmp_path / "smooth"
+    bench.run_grid(sweep, out, device="cpu")
+    rows = bench.read_results(out)
+    assert {r["smooth_beta"] for r in rows} == {None, 2.0, 20.0}
+    assert all(r["explain_seconds"] > 0 for r in rows)
+    console = Console(record=True, width=250)
+    result = bench.report(out, console=console)
+    assert {"smooth.csv", "smooth.png"} <= {p.name for p in result["files"]}
+    series = [(e["series"], e["x"]) for e in result["sweep"]]
+    assert series == [("captum.saliency", 2.0), ("captum.saliency", 20.0),
+                      ("captum.saliency", float("inf")), ("SmoothGrad (σ)", 0.02)]
+    assert "explanation" in console.export_text()
+
+
+def test_sweep_refuses_lrp_and_bad_values():
+    with pytest.raises(ManipBenchError, match="LRP is not smoothed"):
+        bench.make_sweep(["zennit.epsilon"])
+    with pytest.raises(ManipBenchError, match="betas must be positive"):
+        bench.sweep_methods(["captum.saliency"], betas=[0, 1])
+    methods = bench.sweep_methods("captum.saliency", betas="1,5", stdevs="", relu=False)
+    assert [(m.attributor, m.smooth_beta) for m in methods] == [("captum.saliency", 1.0),
+                                                                 ("captum.saliency", 5.0)]

@@ -1,0 +1,331 @@
+"""check_robustness: recognising the user's method, the report, and leaving everything as it was."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from captum import attr as captum_attr
+from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
+from zennit import composites as zc
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.rules import Epsilon
+from zennit.types import Linear
+
+from manip_bench import (ManipBenchError, ManipulationRobustness, check_robustness, data, heatmaps,
+                         models)
+from manip_bench.robustness import check_folder, manipulability, recognise
+
+TARGET = torch.tensor([0, 3, 1])
+
+
+def seeded(fn):
+    torch.manual_seed(7)
+    np.random.seed(7)
+    return fn()
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def lrp_with_epsilon_rules(model):
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.rule = EpsilonRule(epsilon=0.01)
+    return captum_attr.LRP(model)
+
+
+# (make the Captum object, attribute() arguments, registry name, options it maps to)
+CAPTUM_CASES = {
+    "saliency": (captum_attr.Saliency, {}, "captum.saliency", {"abs": True}),
+    "saliency_signed": (captum_attr.Saliency, {"abs": False}, "captum.saliency", {"abs": False}),
+    "input_x_gradient": (captum_attr.InputXGradient, {}, "captum.input_x_gradient", {}),
+    "integrated_gradients": (
+        captum_attr.IntegratedGradients,
+        {"n_steps": 8, "method": "riemann_trapezoid", "baselines": 0},
+        "captum.integrated_gradients", {"steps": 8, "method": "riemann_trapezoid"}),
+    "integrated_gradients_default": (
+        captum_attr.IntegratedGradients, {}, "captum.integrated_gradients",
+        {"steps": 50, "method": "gausslegendre"}),
+    "guided_backprop": (captum_attr.GuidedBackprop, {}, "captum.guided_backprop", {}),
+    "smoothgrad": (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)),
+                   {"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1},
+                   "captum.smoothgrad", {"samples": 4, "stdev": 0.1}),
+    "gradient_shap": (captum_attr.GradientShap,
+                      {"baselines": torch.zeros(1, 3, 16, 16), "n_samples": 4, "stdevs": 0.05},
+                      "captum.gradient_shap", {"samples": 4, "stdev": 0.05}),
+    "lrp": (captum_attr.LRP, {}, "captum.lrp", {"epsilon": 1e-9}),
+    "lrp_epsilon_rules": (lrp_with_epsilon_rules, {}, "captum.lrp", {"epsilon": 0.01}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CAPTUM_CASES))
+def test_captum_object_is_recognised_and_its_map_reproduced(case, plain_cnn, images):
+    make, kwargs, name, options = CAPTUM_CASES[case]
+    explainer = make(plain_cnn)
+    method = recognise(explainer, **kwargs)
+    assert (method.name, method.options) == (name, options)
+    assert method.model is plain_cnn
+    ours = seeded(lambda: method.create()(images, TARGET)[1]).detach()
+    theirs = seeded(lambda: explainer.attribute(images.clone(), target=TARGET, **kwargs)).detach()
+    assert relative_error(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["saliency", "input_x_gradient", "guided_backprop", "lrp"])
+def test_report_starts_from_the_users_own_map(case, plain_cnn, images):
+    make, kwargs, _, _ = CAPTUM_CASES[case]
+    explainer = make(plain_cnn)
+    report = check_robustness(explainer, images, iterations=1, **kwargs)
+    predicted = plain_cnn(images).argmax(1)
+    own = heatmaps.heatmap(explainer.attribute(images.clone(), target=predicted, **kwargs))
+    assert torch.allclose(report.result.original_map, own.detach(), atol=1e-6)
+
+
+ZENNIT_CASES = {
+    "epsilon_plus_flat": (lambda: zc.EpsilonPlusFlat(epsilon=0.01), "zennit.epsilon_plus_flat",
+                          {"epsilon": 0.01}),
+    "epsilon_plus": (lambda: zc.EpsilonPlus(epsilon=0.1), "zennit.zplus", {"epsilon": 0.1}),
+    "alpha2beta1": (zc.EpsilonAlpha2Beta1, "zennit.alpha2beta1", {"epsilon": 1e-6}),
+    "epsilon_gamma_box": (lambda: zc.EpsilonGammaBox(low=-1.0, high=2.0, epsilon=0.01, gamma=0.5),
+                          "zennit.epsilon_gamma_box",
+                          {"low": -1.0, "high": 2.0, "epsilon": 0.01, "gamma": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZENNIT_CASES))
+def test_zennit_composite_is_recognised_and_its_map_reproduced(case, plain_cnn, images):
+    make, name, params = ZENNIT_CASES[case]
+    method = recognise(make(), model=plain_cnn)
+    assert method.name == name
+    assert {k: v for k, v in method.options.items() if k != "canonizers"} == params
+    with Gradient(plain_cnn, make()) as gradient:
+        _, theirs = gradient(images.clone(),
+                             lambda out: out * torch.nn.functional.one_hot(TARGET, 5))
+    assert relative_error(method.create()(images, TARGET)[1].detach(), theirs) <= 1e-5
+
+
+def test_composite_canonizers_are_mapped(plain_cnn):
+    assert recognise(zc.EpsilonPlus(), model=plain_cnn).options["canonizers"] is None
+    method = recognise(zc.EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), model=plain_cnn)
+    assert [type(c) for c in method.options["canonizers"]] == [SequentialMergeBatchNorm]
+
+
+@pytest.mark.parametrize("explainer, match", [
+    (lambda m: captum_attr.Occlusion(m), r"Occlusion is not supported.*Saliency, InputXGradient"),
+    (lambda m: captum_attr.FeatureAblation(m), r"FeatureAblation is not supported.*Saliency"),
+    (lambda m: captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(m)),
+     r"NoiseTunnel\(IntegratedGradients\) is not supported"),
+    (lambda m: captum_attr.IntegratedGradients(m, multiply_by_inputs=False), "multiply_by_inputs"),
+    (lambda m: captum_attr.Saliency(lambda x: m(x)), "forward_func must be a torch.nn.Module"),
+    (lambda m: type("MySaliency", (captum_attr.Saliency,), {})(m), "subclass of Saliency"),
+    (lambda m: zc.GuidedBackprop(), r"GuidedBackprop is not supported.*EpsilonPlusFlat"),
+    (lambda m: zc.EpsilonPlusFlat(stabilizer=1e-3), "customised"),
+    (lambda m: zc.EpsilonPlus(layer_map=[(Linear, Epsilon(0.5))]), "customised"),
+    (lambda m: "captum.saliencyy", "Did you mean 'captum.saliency'"),
+    (lambda m: m, "cannot recognise 'PlainCNN'"),
+    (lambda m: captum_attr.Saliency, r"pass an instance, e.g. Saliency\(model\)"),
+])
+def test_unsupported_methods_give_a_clear_error(explainer, match, plain_cnn, images):
+    with pytest.raises(ManipBenchError, match=match):
+        check_robustness(explainer(plain_cnn), images, model=plain_cnn, iterations=1)
+
+
+@pytest.mark.parametrize("make, kwargs, match", [
+    (captum_attr.IntegratedGradients, {"baselines": torch.ones(1, 3, 16, 16)},
+     "only a zero baseline"),
+    (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)), {"nt_type": "vargrad"},
+     "nt_type='vargrad' is not supported"),
+    (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)), {"abs": False}, "abs=False"),
+    (captum_attr.Saliency, {"n_steps": 5}, r"n_steps not supported here; supported: abs"),
+    (captum_attr.Saliency, {"additional_forward_args": (1,)}, "additional_forward_args"),
+    (captum_attr.GradientShap, {"return_convergence_delta": True}, "return_convergence_delta"),
+])
+def test_unsupported_attribute_arguments_are_refused(make, kwargs, match, plain_cnn, images):
+    with pytest.raises(ManipBenchError, match=match):
+        check_robustness(make(plain_cnn), images, iterations=1, **kwargs)
+
+
+def test_lrp_with_other_rules_is_refused(plain_cnn, images):
+    plain_cnn.features[0].rule = GammaRule()
+    with pytest.raises(ManipBenchError, match="rule GammaRule"):
+        check_robustness(captum_attr.LRP(plain_cnn), images, iterations=1)
+    plain_cnn.features[0].rule = EpsilonRule(epsilon=0.5)
+    with pytest.raises(ManipBenchError, match="different EpsilonRule epsilons"):
+        check_robustness(captum_attr.LRP(plain_cnn), images, iterations=1)
+    del plain_cnn.features[0].rule
+    plain_cnn.features[2].rule = EpsilonRule(epsilon=0.5)
+    with pytest.raises(ManipBenchError, match="on max-pool layer 'features.2'"):
+        check_robustness(captum_attr.LRP(plain_cnn), images, iterations=1)
+
+
+@pytest.mark.parametrize("make", [captum_attr.DeepLift, captum_attr.Deconvolution])
+def test_explanation_only_methods_are_reported_as_not_assessable(make, plain_cnn, images):
+    with pytest.raises(ManipBenchError, match="cannot be assessed: .*no evidence that it is"):
+        check_robustness(make(plain_cnn), images, iterations=1)
+
+
+def snapshot(model, explainer):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "types": [type(m) for m in model.modules()],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                  for m in model.modules()],
+        "explainer": {k: v for k, v in vars(explainer).items()},
+        "inner": dict(vars(getattr(explainer, "attribution_method", explainer))),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_unchanged(model, explainer, before):
+    after = snapshot(model, explainer)
+    for key in ("types", "training", "requires_grad", "hooks"):
+        assert after[key] == before[key], key
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), key
+    for key in ("explainer", "inner"):
+        assert after[key].keys() == before[key].keys()
+        assert all(after[key][k] is v for k, v in before[key].items()), key
+    assert torch.equal(after["torch_rng"], before["torch_rng"])
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
+
+
+def test_user_objects_unchanged_also_when_interrupted(plain_cnn, images, monkeypatch):
+    plain_cnn.train()  # an unusual mode that must survive
+    explainer = captum_attr.NoiseTunnel(captum_attr.Saliency(plain_cnn))
+    before = snapshot(plain_cnn, explainer)
+    check_robustness(explainer, images, iterations=2, nt_samples=2, stdevs=0.1, smooth_beta=5.0)
+    assert_unchanged(plain_cnn, explainer, before)
+
+    from manip_bench.attributors.captum import NoisyAttributor
+    calls, original = {"n": 0}, NoisyAttributor.attribute
+
+    def interrupt(self, x, target):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return original(self, x, target)
+
+    monkeypatch.setattr(NoisyAttributor, "attribute", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        check_robustness(explainer, images, iterations=20, nt_samples=2, stdevs=0.1)
+    assert calls["n"] > 4
+    assert_unchanged(plain_cnn, explainer, before)
+
+
+def test_registry_name_targets_and_given_map(plain_cnn, images):
+    predicted = plain_cnn(images).argmax(1)
+    report = check_robustness("zennit.epsilon", images, model=plain_cnn, iterations=2)
+    assert report.per_sample["target"] == [1, 2, 0] and report.method == "zennit.epsilon"
+    wrong = predicted.clone()
+    wrong[1] = (wrong[1] + 1) % 5
+    report = check_robustness("captum.saliency", images, wrong, model=plain_cnn, iterations=2)
+    assert report.per_sample["input"] == [0, 2] and list(report.skipped) == [1]
+    assert "skipped: input 1" in str(report)
+    given = torch.zeros(16, 16)
+    given[:4, :4] = 1
+    report = check_robustness("captum.saliency", images[:1], model=plain_cnn, iterations=2,
+                              target_map=given)
+    assert report.per_sample["target"] == ["given"]
+    with pytest.raises(ManipBenchError, match="pass the model too"):
+        check_robustness("captum.saliency", images)
+    with pytest.raises(ManipBenchError, match="at least 2 inputs"):
+        check_robustness("captum.saliency", images[:1], model=plain_cnn)
+    with pytest.raises(ManipBenchError, match="no input is predicted as its target"):
+        check_robustness("captum.saliency", images, (predicted + 1) % 5, model=plain_cnn)
+    with pytest.raises(ManipBenchError, match="put the normalisation into the model"):
+        check_robustness("captum.saliency", images * 2 - 1, model=plain_cnn)
+    with pytest.raises(ManipBenchError, match="gradient-type methods only"):
+        check_robustness("zennit.epsilon", images, model=plain_cnn, smooth_beta=5.0)
+
+
+def test_score_definition():
+    assert manipulability([0.9, -0.2, 1.3, 0.8, float("nan")], [True, True, True, False, True]) == \
+        [0.9, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_quantus_style_metric(plain_cnn, images):
+    y = plain_cnn(images).argmax(1).numpy()
+    y[2] = (y[2] + 1) % 5
+    metric = ManipulationRobustness(iterations=2)
+    channel_last = images.permute(0, 2, 3, 1).numpy()
+    scores = metric(plain_cnn, channel_last, y, a_batch=None, explain_func=captum_attr.Saliency,
+                    device="cpu")
+    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores[:2]) and np.isnan(scores[2])
+    assert metric.last_report.method == "captum.saliency"
+
+    def explain(model, inputs, targets, **kwargs):  # stands in for quantus.explain
+        raise AssertionError("never called: the metric attacks its own differentiable map")
+
+    explain.__module__ = "quantus.functions.explanation_func"
+    metric(plain_cnn, images.numpy(), y, explain_func=explain,
+           explain_func_kwargs={"method": "IntegratedGradients",
+                                "xai_lib_attrib_kwargs": {"n_steps": 4}})
+    assert metric.last_report.options == {"steps": 4, "method": "riemann_trapezoid"}
+    assert ManipulationRobustness("zennit.epsilon", iterations=1, return_aggregate=True)(
+        plain_cnn, images.numpy(), y)[0] >= 0
+
+
+# --- the embedded, really trained CIFAR-10 model ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar():
+    model = models.load("cifar_vgg")
+    names = ("chelsea", "astronaut", "coffee", "rocket")
+    x = torch.stack([data.load_image(name, 32) for name in names])
+    return model, x
+
+
+def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
+    model, x = cifar
+    explainer = captum_attr.Saliency(model)
+    labels = model(x).argmax(1)
+    before = snapshot(model, explainer)
+    report = check_robustness(explainer, x, target=labels, iterations=120, smooth_beta=3.0)
+    assert_unchanged(model, explainer, before)
+
+    # the map attacked is the user's own Saliency map
+    own = heatmaps.heatmap(explainer.attribute(x.clone(), target=labels))
+    assert torch.allclose(report.result.original_map, own, atol=1e-6)
+    assert report.score >= 0.7, report.per_sample
+    assert report.smoothed.score <= report.score - 0.15, (report.score, report.smoothed.score)
+    assert all(report.per_sample["class_kept"])
+    assert max(report.per_sample["input_linf"]) <= 8 / 255 + 1e-6
+    assert min(report.per_sample["target_pcc"][i] - report.per_sample["target_pcc_before"][i]
+               for i in range(4)) > 0.4
+    record = json.loads(json.dumps(report.to_dict()))
+    assert record["score"] == report.score and record["smoothed"]["smooth_beta"] == 3.0
+    assert "manipulability" in str(report)
+
+
+def test_check_folder_on_a_zoo_model(tmp_path):
+    for name in ("chelsea", "coffee", "rocket"):
+        data.save_image(data.load_image(name, 40), tmp_path / "photos" / f"{name}.png")
+    (tmp_path / "empty").mkdir()
+    names = ["chelsea.png", "coffee.png", "rocket.png"]
+    assert [p.name for p in data.image_files(tmp_path)] == names
+    report = check_folder(tmp_path, model="cifar_vgg", n=2, iterations=2, smooth_beta=10.0)
+    assert len(report.per_sample["input"]) == 2 and report.smoothed is not None
+    assert set(report.names) <= set(names) and report.names == report.smoothed.names
+    assert report.names[0] in str(report)
+    with pytest.raises(ManipBenchError, match="asked for 5 images, it has 3"):
+        data.image_files(tmp_path, n=5)
+    with pytest.raises(ManipBenchError, match="no image files"):
+        data.image_files(tmp_path / "empty")
+
+
+def test_cli_check(tmp_path, capsys):
+    from manip_bench import cli
+    for name in ("chelsea", "coffee"):
+        data.save_image(data.load_image(name, 32), tmp_path / "images" / f"{name}.png")
+    out = tmp_path / "report.json"
+    assert cli.main(["check", str(tmp_path / "images"), "--n", "2", "--iterations", "2",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    assert "manipulability" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["method"] == "captum.saliency" and 0 <= record["score"] <= 1
+    assert cli.main(["check", str(tmp_path / "images"), "--method", "captum.deeplift"]) == 2
+    assert "cannot be assessed" in capsys.readouterr().err
