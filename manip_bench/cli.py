@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import attributors, bench, experiment, models, robustness
+from . import attributors, bench, experiment, models, patterns, robustness
 from .attack import PRESETS
 from .errors import ManipBenchError
 
@@ -99,6 +99,7 @@ def _grid_arguments(p, attributors_default, what):
     p.add_argument("--preset", default="paper", help=f"paper | {' | '.join(PRESETS)}")
     p.add_argument("--iterations", type=int, help="override the preset's iterations")
     p.add_argument("--lr", type=float, help="override the preset's Adam step ([0,1] pixel units)")
+    p.add_argument("--linf", type=float, help="L-inf budget in pixel units (e.g. 0.0314 = 8/255)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
     p.add_argument("--seed", type=int, default=0, help="pair sampling and noise seed")
@@ -116,7 +117,7 @@ def _bench_parser(sub):
 
 def cmd_bench(args):
     grid = bench.make_grid(args.attributors, args.models, args.pairs, args.n, args.seed,
-                           args.preset, iterations=args.iterations, lr=args.lr)
+                           args.preset, iterations=args.iterations, lr=args.lr, linf=args.linf)
     _run_grid(grid, args)
 
 
@@ -135,7 +136,7 @@ def _smooth_parser(sub):
 def cmd_smooth(args):
     grid = bench.make_sweep(args.attributors, args.betas, args.stdevs, args.models, args.pairs,
                             args.n, args.seed, args.preset, samples=args.samples,
-                            iterations=args.iterations, lr=args.lr)
+                            iterations=args.iterations, lr=args.lr, linf=args.linf)
     _run_grid(grid, args)
 
 
@@ -204,13 +205,38 @@ def cmd_check(args):
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
 
 
+def _patterns_parser(sub):
+    p = sub.add_parser("patterns", help="estimate PatternAttribution patterns from an image folder")
+    p.add_argument("data", help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="where to save the patterns (.pt)")
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
+    p.add_argument("--limit", type=int, help="use a seeded random subset of this many images")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--regime", choices=patterns.REGIMES, default="relu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_patterns)
+
+
+def cmd_patterns(args):
+    device = experiment.pick_device(args.device)
+    experiment.pick_threads(device, 10_000, args.threads)
+    path, count, seconds = patterns.estimate_folder(
+        args.data, args.out, args.model, args.weights, args.limit, args.batch_size, args.regime,
+        args.seed, device)
+    console.print(f"{count} images, {seconds:.1f} s; saved {path}; use it with "
+                  f"attributors.create('pattern.attribution', model, patterns={str(path)!r})")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="manip-bench",
         description="Manipulate image explanations (Dombrowski et al. 2019) and measure it.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_run_parser, _list_parser, _bench_parser, _report_parser, _smooth_parser,
-                _check_parser):
+                _check_parser, _patterns_parser):
         add(sub)
     return parser
 

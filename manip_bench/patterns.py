@@ -42,7 +42,6 @@ Command line (any model of :mod:`manip_bench.models` and an image folder); the s
 (about 5.5 minutes on one CPU thread, JPEG decoding included; ``--limit N`` takes a
 seeded random subset).
 """
-import argparse
 import contextlib
 import sys
 import time
@@ -416,46 +415,23 @@ class _Batches:
             yield self._load(self.files[start:start + self.batch_size], self.size)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m manip_bench.patterns",
-        description="Estimate PatternAttribution patterns of a model from an image folder.")
-    parser.add_argument("--model", default="cifar_vgg", help="a model of manip_bench.models")
-    parser.add_argument("--weights", default="default",
-                        help="'default', 'random' or a state_dict file "
-                             "(see manip_bench.models.load)")
-    parser.add_argument("--data", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--out", required=True, help="where to save the patterns (.pt)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use a seeded random subset of this many images")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--regime", choices=REGIMES, default="relu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    return parser.parse_args(argv)
+def estimate_folder(data, out, model="cifar_vgg", weights="default", limit=None, batch_size=100,
+                    regime="relu", seed=0, device="cpu"):
+    """Estimate the patterns of zoo ``model`` from the images under ``data`` and save them.
 
-
-def main(argv=None):
+    Returns ``(path, number of images, seconds)``. ``manip-bench patterns`` calls this.
+    """
     from . import models
 
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model = models.load(args.model, args.weights, args.device)
-    batches = image_batches(args.data, models.input_size(args.model), args.batch_size,
-                            args.limit, args.seed)
-    patterns = estimate_patterns(model, batches, regime=args.regime)
-    path = save_patterns(patterns, args.out)
-    print(f"{len(batches.files)} images, {len(patterns)} layers, "
-          f"{time.perf_counter() - started:.1f} s; saved {path} "
-          f"({path.stat().st_size / 1e6:.2f} MB)")
+    net = models.load(model, weights, device)
+    batches = image_batches(data, models.input_size(model), batch_size, limit, seed)
+    patterns = estimate_patterns(net, batches, regime=regime)
+    path = save_patterns(patterns, out)
+    return path, len(batches.files), time.perf_counter() - started
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ManipBenchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from .cli import main
+
+    sys.exit(main(["patterns", *sys.argv[1:]]))

@@ -138,15 +138,15 @@ def test_estimation_handles_strides_same_padding_and_pooling():
 
 
 def test_command_estimates_and_saves_patterns_for_an_image_folder(tmp_path, capsys):
-    from manip_bench import data
-    from manip_bench.patterns import main
+    from manip_bench import cli, data
 
     torch.manual_seed(0)
     for i in range(5):
         data.save_image(torch.rand(3, 32, 32), tmp_path / "images" / f"cls{i % 2}" / f"{i}.png")
     assert len(image_batches(tmp_path / "images", 32, batch_size=2, limit=3)) == 2
-    main(["--data", str(tmp_path / "images"), "--out", str(tmp_path / "p.pt"), "--batch-size", "2"])
-    assert "5 images, 8 layers" in capsys.readouterr().out
+    assert cli.main(["patterns", str(tmp_path / "images"), "--out", str(tmp_path / "p.pt"),
+                     "--batch-size", "2", "--device", "cpu"]) == 0
+    assert "5 images" in capsys.readouterr().out
     check_patterns(load_patterns(tmp_path / "p.pt"), CifarVGG())
 
 

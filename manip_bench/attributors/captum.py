@@ -70,7 +70,7 @@ class CaptumAttributor(Attributor):
 class Saliency(CaptumAttributor):
     """Gradient of the target logit (absolute value by default, as Captum)."""
 
-    name, rule, method_class = "captum.saliency", "|gradient|", CaptumSaliency
+    name, rule, method_class = "captum.saliency", "absolute gradient", CaptumSaliency
 
     def __init__(self, model, smooth_beta=None, abs=True):  # noqa: A002 - Captum's name
         super().__init__(model, smooth_beta, abs=abs)
@@ -124,7 +124,7 @@ class NoisyAttributor(CaptumAttributor):
 class SmoothGrad(NoisyAttributor):
     """SmoothGrad: mean |gradient| over Gaussian noise (Captum NoiseTunnel over Saliency)."""
 
-    name, rule, method_class = "captum.smoothgrad", "SmoothGrad over |gradient|", CaptumSaliency
+    name, rule, method_class = "captum.smoothgrad", "SmoothGrad over absolute gradient", CaptumSaliency
 
 
 class GradientShap(NoisyAttributor):

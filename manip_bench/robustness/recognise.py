@@ -1,0 +1,405 @@
+"""Recognise the user's explanation method: a Captum object, a Zennit composite or a registry name.
+
+:func:`recognise` maps what the user already explains with onto a registry attributor name
+plus options (:class:`Method`), reading the settings from the Captum object's
+``attribute()`` arguments or from the composite's rules, and refusing by name what has no
+matching differentiable adapter. The Captum object and the composite are only read.
+"""
+import dataclasses
+import types
+
+import torch
+from captum._utils.gradient import compute_gradients
+from captum.attr import (
+    LRP,
+    DeepLift,
+    Deconvolution,
+    GradientShap,
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    NoiseTunnel,
+    Saliency,
+)
+from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
+from captum.attr._utils.attribution import Attribution, GradientAttribution
+from captum.attr._utils.lrp_rules import EpsilonRule
+from torch import nn
+from zennit import composites as zennit_composites
+from zennit import core as zennit_core
+from zennit import rules as zennit_rules
+
+from .. import attributors
+from ..attributors.zennit import default_canonizers
+from ..errors import ManipBenchError
+
+SUPPORTED_CAPTUM = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
+                    "NoiseTunnel(Saliency) with nt_type='smoothgrad'", "GradientShap", "LRP")
+SUPPORTED_ZENNIT = ("EpsilonPlusFlat", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonGammaBox")
+
+
+@dataclasses.dataclass
+class Method:
+    """A recognised explanation method: registry ``name`` + ``options`` on ``model``.
+
+    ``source`` says what the user passed, with the settings that were read from it.
+    """
+
+    name: str
+    options: dict
+    model: nn.Module
+    source: str
+
+    def create(self, smooth_beta=None):
+        """The differentiable attributor (on a private copy of the model)."""
+        return attributors.create(self.name, self.model, smooth_beta=smooth_beta, **self.options)
+
+
+class _Arguments:
+    """``attribute()`` keyword arguments: take the supported ones, refuse the rest by name."""
+
+    def __init__(self, method, kwargs):
+        self.method, self.kwargs, self.accepted, self.shown = method, dict(kwargs), [], {}
+
+    def take(self, key, default, show=True):
+        """The value of ``key`` (``default`` if not given); ``show``: name it in the report."""
+        self.accepted.append(key)
+        if show and key in self.kwargs:
+            self.shown[key] = self.kwargs[key]
+        return self.kwargs.pop(key, default)
+
+    def refuse(self, key, allowed, why):
+        """Take ``key``; anything but the ``allowed`` value(s) is an error saying ``why``."""
+        value = self.take(key, allowed[0], show=False)
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ManipBenchError(f"{self.method}: {key}={value!r} is not supported ({why})")
+        return value
+
+    def done(self):
+        self.refuse("additional_forward_args", (None,), "the model must take the image alone")
+        if self.kwargs:
+            raise ManipBenchError(
+                f"{self.method}: attribute() argument(s) {', '.join(sorted(self.kwargs))} not "
+                f"supported here; supported: {', '.join(self.accepted)}")
+        return self.shown
+
+
+def _zero_baseline(args, method):
+    """Accept only a zero baseline (None, 0 or an all-zero tensor) under ``baselines``."""
+    value = args.take("baselines", None, show=False)
+    zero = (value is None or (isinstance(value, (int, float)) and value == 0)
+            or (isinstance(value, torch.Tensor) and not value.any()))
+    if not zero:
+        raise ManipBenchError(f"{method}: only a zero baseline is supported (the differentiable "
+                              f"adapter integrates from black); got baselines of type "
+                              f"{type(value).__name__} with non-zero values")
+
+
+def _no_delta(args, method):
+    args.refuse("return_convergence_delta", (False,), "the check needs the map only")
+
+
+def _multiplies(explainer, method):
+    if not explainer.multiplies_by_inputs:
+        raise ManipBenchError(f"{method}: multiply_by_inputs=False is not supported; "
+                              f"construct it with the default multiply_by_inputs=True")
+
+
+def _saliency(explainer, args):
+    return "captum.saliency", {"abs": bool(args.take("abs", True))}
+
+
+def _input_x_gradient(explainer, args):
+    return "captum.input_x_gradient", {}
+
+
+def _integrated_gradients(explainer, args):
+    _multiplies(explainer, "IntegratedGradients")
+    _zero_baseline(args, "IntegratedGradients")
+    _no_delta(args, "IntegratedGradients")
+    args.take("internal_batch_size", None, show=False)  # only splits the work into chunks
+    return "captum.integrated_gradients", {"steps": int(args.take("n_steps", 50)),
+                                           "method": args.take("method", "gausslegendre")}
+
+
+def _noise_tunnel(explainer, args):
+    inner = explainer.attribution_method
+    if type(inner) is not Saliency:
+        raise ManipBenchError(f"NoiseTunnel({type(inner).__name__}) is not supported; only "
+                              f"NoiseTunnel(Saliency) (SmoothGrad) is")
+    args.refuse("nt_type", ("smoothgrad",), "only 'smoothgrad' has a differentiable adapter; "
+                "'smoothgrad_sq' and 'vargrad' do not")
+    args.refuse("draw_baseline_from_distrib", (False,), "Saliency takes no baselines")
+    args.refuse("abs", (True,), "the SmoothGrad adapter averages |gradient|")
+    _no_delta(args, "NoiseTunnel")
+    args.take("nt_samples_batch_size", None, show=False)  # only splits the samples into chunks
+    stdevs = args.take("stdevs", 1.0)
+    if not isinstance(stdevs, (int, float)) or isinstance(stdevs, bool):
+        raise ManipBenchError(f"NoiseTunnel: stdevs must be one number for the single image "
+                              f"input, got {stdevs!r}")
+    return "captum.smoothgrad", {"samples": int(args.take("nt_samples", 5)), "stdev": float(stdevs)}
+
+
+def _gradient_shap(explainer, args):
+    _multiplies(explainer, "GradientShap")
+    _zero_baseline(args, "GradientShap")
+    _no_delta(args, "GradientShap")
+    stdevs = args.take("stdevs", 0.0)
+    if not isinstance(stdevs, (int, float)) or isinstance(stdevs, bool):
+        raise ManipBenchError(f"GradientShap: stdevs must be one number, got {stdevs!r}")
+    return "captum.gradient_shap", {"samples": int(args.take("n_samples", 5)),
+                                    "stdev": float(stdevs)}
+
+
+def _guided_backprop(explainer, args):
+    return "captum.guided_backprop", {}
+
+
+def _deconvolution(explainer, args):
+    return "captum.deconvolution", {}
+
+
+def _deeplift(explainer, args):
+    _multiplies(explainer, "DeepLift")
+    _zero_baseline(args, "DeepLift")
+    _no_delta(args, "DeepLift")
+    args.refuse("custom_attribution_func", (None,), "the adapter uses DeepLift's own rule")
+    return "captum.deeplift", {}
+
+
+def _lrp(explainer, args):
+    _no_delta(args, "LRP")
+    args.take("verbose", False, show=False)
+    return "captum.lrp", {"epsilon": _lrp_epsilon(explainer.model)}
+
+
+_MAX_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def _lrp_epsilon(model):
+    """The single epsilon of Captum's LRP on ``model``: default rules or one EpsilonRule.
+
+    The adapter applies epsilon to convolutions, linear and average-pool layers and passes
+    relevance through max-pool layers as Captum's default (epsilon 1e-9) does.
+    """
+    default = EpsilonRule().STABILITY_FACTOR
+    epsilons = set()
+    for name, module in model.named_modules():
+        rule = getattr(module, "rule", "default")
+        if rule == "default" and type(module) not in SUPPORTED_LAYERS_WITH_RULES:
+            continue
+        if rule is not None and rule != "default" and type(rule) is not EpsilonRule:
+            raise ManipBenchError(f"LRP: layer {name!r} has rule {type(rule).__name__}; only "
+                                  f"Captum's default rules or EpsilonRule are supported (use a "
+                                  f"Zennit composite for other rules)")
+        epsilon = default if rule in ("default", None) else rule.STABILITY_FACTOR
+        if isinstance(module, _MAX_POOL):
+            if epsilon != default:
+                raise ManipBenchError(f"LRP: EpsilonRule({epsilon}) on max-pool layer {name!r} is "
+                                      f"not supported; leave max-pool layers at Captum's default")
+        elif rule is not None:
+            epsilons.add(epsilon)
+    if len(epsilons) > 1:
+        raise ManipBenchError(f"LRP: the layers use different EpsilonRule epsilons "
+                              f"{sorted(epsilons)}; one epsilon for all layers is supported")
+    return float(epsilons.pop()) if epsilons else default
+
+
+#: exact Captum class -> reader of its attribute() arguments
+_CAPTUM = {
+    Saliency: _saliency, InputXGradient: _input_x_gradient,
+    IntegratedGradients: _integrated_gradients, NoiseTunnel: _noise_tunnel,
+    GradientShap: _gradient_shap, GuidedBackprop: _guided_backprop,
+    Deconvolution: _deconvolution, DeepLift: _deeplift, LRP: _lrp,
+}
+
+
+def _from_captum(explainer, model, kwargs):
+    method = type(explainer).__name__
+    reader = _CAPTUM.get(type(explainer))
+    if reader is None:
+        subclass = next((c.__name__ for c in _CAPTUM if isinstance(explainer, c)), None)
+        why = (f"a subclass of {subclass} may change attribute(), so it is not recognised"
+               if subclass else "it has no differentiable adapter")
+        raise ManipBenchError(f"captum.attr.{method} is not supported ({why}). Supported Captum "
+                              f"methods: {', '.join(SUPPORTED_CAPTUM)}")
+    forward = explainer.forward_func
+    if not isinstance(forward, nn.Module):
+        raise ManipBenchError(f"{method}: its forward_func must be a torch.nn.Module (got "
+                              f"{type(forward).__name__}); construct it as {method}(model)")
+    if model is not None and model is not forward:
+        raise ManipBenchError(f"{method}: model= differs from the Captum object's forward_func; "
+                              f"leave model out (the Captum object's own model is used)")
+    inner = getattr(explainer, "attribution_method", explainer)
+    if isinstance(inner, GradientAttribution) and inner.gradient_func is not compute_gradients:
+        raise ManipBenchError(f"{method}: a replaced gradient_func is not supported; use the "
+                              f"object as Captum constructs it")
+    args = _Arguments(method, kwargs)
+    name, options = reader(explainer, args)
+    shown = args.done()
+    label = type(inner).__name__
+    label = f"NoiseTunnel({label})" if inner is not explainer else label
+    settings = ", ".join(f"{k}={_plain(v)!r}" for k, v in shown.items())
+    return Method(name, options, forward, f"captum.attr.{label}({settings})")
+
+
+#: exact Zennit composite class -> (registry name, parameters it carries)
+_ZENNIT = {
+    zennit_composites.EpsilonPlusFlat: ("zennit.epsilon_plus_flat", ("epsilon",)),
+    zennit_composites.EpsilonPlus: ("zennit.zplus", ("epsilon",)),
+    zennit_composites.EpsilonAlpha2Beta1: ("zennit.alpha2beta1", ("epsilon",)),
+    zennit_composites.EpsilonGammaBox: ("zennit.epsilon_gamma_box",
+                                        ("low", "high", "epsilon", "gamma")),
+}
+
+
+def _closure(function):
+    """A function's captured variables by name."""
+    cells = function.__closure__ or ()
+    return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, cells)}
+
+
+def _composite_parameters(composite):
+    """Read epsilon (and gamma, low, high) back from a built-in composite's rules."""
+    params = {}
+    rules = [rule for _, rule in composite.layer_map + getattr(composite, "first_map", [])]
+    for rule in rules:
+        if type(rule) is zennit_rules.Epsilon:
+            params["epsilon"] = _closure(rule.gradient_mapper)["stabilizer_fn"].epsilon
+        elif type(rule) is zennit_rules.Gamma:
+            params["gamma"] = _closure(rule.param_modifiers[0].modifier)["gamma"]
+        elif type(rule) is zennit_rules.ZBox:
+            params["low"] = _closure(rule.input_modifiers[1])["low"]
+            params["high"] = _closure(rule.input_modifiers[2])["high"]
+    return params
+
+
+def _fingerprint(value, depth=0):
+    """A comparable summary of a composite's rules: types, code and captured values."""
+    if depth > 16:
+        return type(value)
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu", torch.float64)
+        return ("tensor", tuple(data.shape), data.numpy().tobytes())
+    if value is None or isinstance(value, (bool, int, float, str, type)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return tuple((k, _fingerprint(v, depth + 1)) for k, v in sorted(value.items()))
+    if isinstance(value, types.BuiltinFunctionType):
+        return value
+    if hasattr(value, "__code__"):
+        return ("function", value.__code__, _fingerprint(_closure(value), depth + 1))
+    if isinstance(value, zennit_core.BasicHook):
+        parts = (value.input_modifiers, value.param_modifiers, value.output_modifiers,
+                 value.gradient_mapper, value.reducer)
+        return (type(value), _fingerprint(parts, depth + 1))
+    if isinstance(value, (zennit_core.ParamMod, zennit_core.Stabilizer)):
+        return (type(value), _fingerprint(vars(value), depth + 1))
+    return type(value)
+
+
+def _composite_map(composite):
+    maps = [composite.layer_map, getattr(composite, "first_map", [])]
+    return _fingerprint([[(types, rule) for types, rule in entries] for entries in maps])
+
+
+def _from_zennit(composite, model, kwargs):
+    method = type(composite).__name__
+    if type(composite) not in _ZENNIT:
+        raise ManipBenchError(f"zennit composite {method} is not supported. Supported: "
+                              f"{', '.join(SUPPORTED_ZENNIT)} (built-in classes, their own "
+                              f"parameters), or a registry name such as 'zennit.epsilon'")
+    if model is None:
+        raise ManipBenchError(f"{method}: pass the model too: check_robustness(composite, "
+                              f"inputs, model=model)")
+    if kwargs:
+        raise ManipBenchError(f"{method}: keyword argument(s) {', '.join(sorted(kwargs))} not "
+                              f"supported with a composite (its parameters are read from it)")
+    name, keys = _ZENNIT[type(composite)]
+    customised = ManipBenchError(
+        f"{method}: only its parameters {', '.join(keys)} can be mapped; a customised "
+        f"layer_map/first_map, stabilizer or zero_params is not supported")
+    try:
+        params = _composite_parameters(composite)
+        reference = type(composite)(**params)
+    except (AttributeError, KeyError, IndexError, TypeError) as error:
+        raise customised from error
+    if set(params) != set(keys) or _composite_map(composite) != _composite_map(reference):
+        raise customised
+    options = dict(params, canonizers=_canonizers(composite.canonizers, model, method))
+    shown = ", ".join(f"{k}={_plain(v)!r}" for k, v in params.items())
+    return Method(name, options, model, f"zennit.composites.{method}({shown})")
+
+
+def _canonizers(canonizers, model, method):
+    """The composite's canonizers for the attributor: none, the automatic ones, or fresh copies."""
+    if not canonizers:
+        return None
+    if [type(c) for c in canonizers] == [type(c) for c in default_canonizers(model)]:
+        return "auto"
+    try:
+        return [canonizer.copy() for canonizer in canonizers]
+    except Exception as error:  # noqa: BLE001 - any failure means the same to the user
+        raise ManipBenchError(f"{method}: cannot copy its canonizers ({error})") from error
+
+
+def recognise(explainer, model=None, **attribute_kwargs):
+    """Map what the user explains with onto a registry attributor.
+
+    Parameters
+    ----------
+    explainer : captum Attribution, zennit Composite or str
+        A Captum attribution object (its ``forward_func`` must be an ``nn.Module``), a
+        built-in Zennit composite, or a registry name (:func:`manip_bench.attributors.available`).
+    model : torch.nn.Module, optional
+        Needed with a composite or a registry name; with a Captum object its own model is used.
+    **attribute_kwargs
+        Captum: the arguments the user passes to ``attribute()`` (``abs``, ``n_steps``,
+        ``method``, ``baselines`` (zero only), ``nt_type`` ('smoothgrad' only), ``nt_samples``,
+        ``stdevs``, ``n_samples`` ...), with Captum's defaults when left out. Registry name:
+        the attributor's options (:func:`manip_bench.attributors.options`).
+
+    Returns
+    -------
+    Method
+    """
+    if isinstance(explainer, Attribution):
+        return _from_captum(explainer, model, attribute_kwargs)
+    if isinstance(explainer, zennit_core.Composite):
+        return _from_zennit(explainer, model, attribute_kwargs)
+    if isinstance(explainer, str):
+        attributors.get_class(explainer)
+        if model is None:
+            raise ManipBenchError(f"{explainer}: pass the model too: "
+                                  f"check_robustness({explainer!r}, inputs, model=model)")
+        accepted = [key for key in attributors.options(explainer) if key != "smooth_beta"]
+        unknown = sorted(set(attribute_kwargs) - set(accepted))
+        if unknown:
+            raise ManipBenchError(f"{explainer} does not take option(s) {', '.join(unknown)}; it "
+                                  f"takes: {', '.join(accepted) or 'none'} (and check_robustness "
+                                  f"takes smooth_beta=)")
+        shown = ", ".join(f"{k}={_plain(v)!r}" for k, v in attribute_kwargs.items())
+        return Method(explainer, dict(attribute_kwargs), model,
+                      f"{explainer}({shown})" if shown else explainer)
+    if isinstance(explainer, type) and issubclass(explainer, Attribution):
+        raise ManipBenchError(f"pass an instance, e.g. {explainer.__name__}(model), not the class")
+    raise ManipBenchError(
+        f"cannot recognise {type(explainer).__name__!r} as an explanation method. Pass a Captum "
+        f"object ({', '.join(SUPPORTED_CAPTUM)}), a Zennit composite "
+        f"({', '.join(SUPPORTED_ZENNIT)}) with model=, or a registry name with model=")
+
+
+def _plain(value):
+    """JSON-friendly form of an option value."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value).__name__
+
+
+__all__ = ["SUPPORTED_CAPTUM", "SUPPORTED_ZENNIT", "Method", "recognise"]

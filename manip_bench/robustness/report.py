@@ -1,0 +1,121 @@
+"""The result of a robustness check: :class:`RobustnessReport`, its table and plain-data form."""
+import dataclasses
+import io
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .. import metrics
+from .recognise import _plain
+
+#: per-sample columns of the table: key, header, format
+_COLUMNS = (
+    ("input", "in", "{}".format), ("class", "class", "{}".format),
+    ("target", "map\nof", "{}".format),
+    ("target_pcc_before", "target\nPCC\nbefore", "{:.2f}".format),
+    ("target_pcc", "target\nPCC\nafter", "{:.2f}".format),
+    ("target_ssim", "target\nSSIM\nafter", "{:.2f}".format),
+    ("original_pcc", "PCC to\nown\nmap", "{:.2f}".format),
+    ("input_linf", "input\nL∞\n×255", lambda v: f"{v * 255:.1f}"),
+    ("input_ssim", "input\nSSIM", "{:.3f}".format),
+    ("class_kept", "class\nkept", lambda v: f"{v:.0%}" if isinstance(v, float) else
+     ("yes" if v else "no")),
+    ("manipulability", "s_i", "{:.2f}".format),
+)
+
+
+@dataclasses.dataclass
+class RobustnessReport:
+    """What :func:`check_robustness` found, per input and aggregated.
+
+    ``score`` is the median of ``per_sample["manipulability"]`` (:mod:`manip_bench.robustness`);
+    ``smoothed`` the same report for the beta-smoothed explanation (or None), with
+    ``agreement`` the fraction of inputs whose smoothed prediction equals the original one;
+    ``result`` the underlying :class:`~manip_bench.attack.AttackResult` (images, maps);
+    ``names`` optional names of the inputs (file names), indexed like the inputs.
+    """
+
+    method: str
+    source: str
+    options: dict
+    smooth_beta: float
+    budget: dict
+    seed: int
+    per_sample: dict
+    score: float
+    skipped: dict
+    seconds: float
+    result: object = dataclasses.field(repr=False, default=None)
+    smoothed: "RobustnessReport" = None
+    agreement: float = None
+    names: list = None
+
+    def summary(self):
+        """Median of each numeric per-sample value (``class_kept``: the fraction kept)."""
+        keys = [k for k in self.per_sample if k not in ("input", "target", "class")]
+        return metrics.summarize({k: self.per_sample[k] for k in keys})
+
+    def to_dict(self):
+        """Everything as JSON-friendly plain data (no tensors)."""
+        return {
+            "method": self.method, "source": self.source,
+            "options": {k: _plain(v) for k, v in self.options.items()},
+            "smooth_beta": self.smooth_beta, "budget": dict(self.budget), "seed": self.seed,
+            "score": self.score, "summary": self.summary(),
+            "per_sample": {k: list(v) for k, v in self.per_sample.items()},
+            "skipped": {str(k): v for k, v in self.skipped.items()},
+            "seconds": round(self.seconds, 3), "agreement": self.agreement, "names": self.names,
+            "smoothed": self.smoothed.to_dict() if self.smoothed is not None else None,
+        }
+
+    def _parts(self):
+        """Headline, per-sample table and budget line (rich renderables)."""
+        beta = f", β-smoothed (β={self.smooth_beta:g})" if self.smooth_beta is not None else ""
+        options = ", ".join(f"{k}={_plain(v)}" for k, v in self.options.items())
+        method = (self.source if self.source.startswith(self.method)
+                  else f"{self.source} → {self.method}({options})")
+        headline = Text.assemble((f"{method}{beta}: ", "bold"),
+                                 (f"manipulability {self.score:.2f}", "bold magenta"))
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
+        for _, header, _ in _COLUMNS:
+            table.add_column(header, justify="right", no_wrap=True)
+        if self.names:
+            table.add_column("image", overflow="ellipsis", no_wrap=True, max_width=16)
+        for row in zip(*(self.per_sample[key] for key, _, _ in _COLUMNS)):
+            names = [self.names[row[0]]] if self.names else []
+            table.add_row(*(fmt(v) for v, (_, _, fmt) in zip(row, _COLUMNS)), *names)
+        summary = self.summary()
+        table.add_row("med", "", "", *(fmt(summary[key]) for key, _, fmt in _COLUMNS[3:]),
+                      style="bold")
+        linf = self.budget["linf"]
+        budget = Text(f"{self.budget['iterations']} iterations, "
+                      f"{f'L∞ ≤ {linf * 255:.3g}/255' if linf else 'no L∞ budget'}, "
+                      f"{self.seconds:.1f} s; median output MSE {summary['output_mse']:.1e}",
+                      style="dim")
+        return [headline, table, budget]
+
+    def __rich__(self):
+        parts = self._parts()
+        if self.skipped:
+            parts.append("skipped: " + "; ".join(f"input {i}: {why}"
+                                                 for i, why in self.skipped.items()))
+        if self.smoothed is not None:
+            parts += ["", *self.smoothed._parts()]
+            parts.append(f"β-smoothing (β={self.smoothed.smooth_beta:g}) changes the "
+                         f"manipulability from {self.score:.2f} to {self.smoothed.score:.2f}; "
+                         f"its prediction agrees with the original model's on "
+                         f"{self.smoothed.agreement:.0%} of the inputs")
+        parts.append(Text("s_i: target PCC after the attack, clipped to [0, 1], 0 where the "
+                          "class flipped; manipulability: median s_i (0 robust, 1 fully "
+                          "manipulable)", style="dim"))
+        return Group(*parts)
+
+    def __str__(self):
+        console = Console(file=io.StringIO(), width=100, color_system=None, force_terminal=False)
+        console.print(self)
+        return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
+
+
+__all__ = ["RobustnessReport"]
