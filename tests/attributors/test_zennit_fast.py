@@ -83,3 +83,14 @@ def test_fast_rules_leave_no_weight_gradients_behind():
     explain(x, 0)[1].square().sum().backward()
     for _, _, cached in explain._frozen_params._cache.values():
         assert all(value is None or not value.requires_grad for value in cached.values())
+
+
+def test_layers_compute_their_own_input_gradient_again_after_explaining():
+    """The discarded input gradient is only for the explanation's own backward."""
+    from manip_bench.attributors.base import FrozenConv2d
+
+    explain = attributors.create("zennit.epsilon_plus_flat", CifarVGG((4, "M", 8, "M")))
+    layers = [m for m in explain.model.modules() if isinstance(m, FrozenConv2d)]
+    assert layers
+    explain(torch.rand(1, 3, 32, 32), 0)
+    assert not any(layer.discard_input_gradient for layer in layers)
