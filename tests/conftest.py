@@ -28,6 +28,16 @@ class PlainCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def tiny_net():
+    """A tiny float64 ReLU CNN for finite-difference checks (input 3 x 6 x 6, 3 classes)."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 3),
+    ).double().eval()
+
+
 @pytest.fixture
 def plain_cnn():
     torch.manual_seed(0)

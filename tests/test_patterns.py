@@ -5,7 +5,7 @@ from captum.attr import Saliency
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import SHARED_DATA, PlainCNN, requires_shared_data
+from conftest import SHARED_DATA, PlainCNN, requires_shared_data, tiny_net
 from manip_bench import ManipBenchError, attributors, models
 from manip_bench.heatmaps import heatmap
 from manip_bench.models.cifar_vgg import CIFAR10_STD, CifarVGG
@@ -284,15 +284,6 @@ def test_rule_is_switched_off_when_explain_raises(plain_cnn, images, monkeypatch
     with pytest.raises(RuntimeError, match="boom"):
         explain(images, 0)
     assert explain.layers and not any(layer.rule_active for layer in explain.layers)
-
-
-def tiny_net():
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 3),
-    ).double().eval()
 
 
 def tiny_relevance_fn():

@@ -5,6 +5,7 @@ differentiable in ``x`` with correct second-order terms, so a loss on it can be 
 over ``x`` (double backpropagation). Every attributor works on a private copy of the
 caller's model: the caller's module, parameters, hooks and mode are never touched.
 """
+import contextlib
 import copy
 
 import torch
@@ -265,6 +266,18 @@ class Attributor:
                     f"the model must return logits of shape (N, classes), got {tuple(output.shape)}")
             self._num_classes[shape] = output.shape[1]
         return self._num_classes[shape]
+
+
+@contextlib.contextmanager
+def rule_active(modules):
+    """Switch on ``rule_active`` of ``modules`` for the explanation's own backward pass only."""
+    for module in modules:
+        module.rule_active = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.rule_active = False
 
 
 def input_with_grad(x):

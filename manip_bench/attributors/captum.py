@@ -20,7 +20,7 @@ from captum.attr import (
 )
 from captum.attr._core.gradient_shap import InputBaselineXGradient
 
-from .base import Attributor, input_with_grad, one_hot
+from .base import Attributor, input_with_grad, one_hot, rule_active
 
 
 def differentiable_gradients(forward_fn, inputs, target_ind=None, additional_forward_args=None):
@@ -154,22 +154,11 @@ class ModifiedBackprop(Attributor):
         for activation in self.activations:
             activation.backward_rule = self.backward_rule
 
-    @contextlib.contextmanager
-    def rule_active(self):
-        """Apply the backward rule to the explanation's own backward pass only."""
-        for activation in self.activations:
-            activation.rule_active = True
-        try:
-            yield
-        finally:
-            for activation in self.activations:
-                activation.rule_active = False
-
     def attribute(self, x, target):
         x = input_with_grad(x)
         with torch.enable_grad():
             output = self.model(x)
-            with self.rule_active():
+            with rule_active(self.activations):
                 (relevance,) = torch.autograd.grad(
                     output, x, one_hot(target, output), create_graph=True)
         return output, relevance

@@ -15,7 +15,6 @@ normal forward pass in an autograd function whose backward uses ``W ⊙ A`` whil
 (any later backward, such as the attack's), both in differentiable operations, so the
 map has correct second-order terms.
 """
-import contextlib
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from torch.nn import functional as F
 
 from ..errors import ManipBenchError
 from ..models.cifar_vgg import CifarVGG, Normalize
-from .base import Attributor, input_with_grad, one_hot
+from .base import Attributor, input_with_grad, one_hot, rule_active
 
 # ``manip_bench.patterns`` is imported where it is used: importing it here (and so with
 # ``import manip_bench``) makes ``python -m manip_bench.patterns`` warn that the module
@@ -175,22 +174,11 @@ class PatternAttribution(Attributor):
         check_patterns(patterns, self.model, source)
         self.layers = install_patterns(self.model, patterns)
 
-    @contextlib.contextmanager
-    def rule_active(self):
-        """Use ``W ⊙ A`` in the explanation's own backward pass only."""
-        for layer in self.layers:
-            layer.rule_active = True
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.rule_active = False
-
     def attribute(self, x, target):
         x = input_with_grad(x)
         with torch.enable_grad():
             output = self.model(x)
             seed = output * one_hot(target, output)
-            with self.rule_active():
+            with rule_active(self.layers):  # W ⊙ A in this backward only
                 (relevance,) = torch.autograd.grad(output, x, seed, create_graph=True)
         return output, relevance

@@ -4,20 +4,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_net
 from manip_bench import attributors
 
 # pattern.* need patterns for the model: their gradcheck is in tests/test_patterns.py
 ATTACKABLE = [name for name in attributors.available()
               if attributors.get_class(name).attackable and not name.startswith("pattern.")]
-
-
-def tiny_net():
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 3),
-    ).double().eval()
 
 
 def relevance_fn(name):
