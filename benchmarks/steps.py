@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from manip_bench import ManipulationAttack, attributors, heatmaps, models
+from manip_bench import ManipulationAttack, attributors, models
 from manip_bench.attributors.base import FrozenConv2d, prepare_model, smooth_activations
 
 MODELS = ("cifar_vgg", "vgg16")
@@ -153,36 +153,28 @@ class _RawExplain:
 class AttackStep:
     """One iteration of :class:`~manip_bench.ManipulationAttack`'s loop, callable repeatedly.
 
-    The set-up (original map, target, reference output) runs once in ``__init__``; each
-    call is ``set_beta -> explain(x_adv) -> loss -> backward -> Adam step -> clamp``, as the
-    engine's loop does (without its bookkeeping: best-so-far copies, history, judging).
-    ``explain`` may replace the attributor's explanation (a raw-autograd reference).
+    The set-up (``attack.start``: original map, target, reference output) runs once in
+    ``__init__``; each call is ``attack.step`` (beta -> explain(x_adv) -> loss -> backward
+    -> Adam step -> projection), without the loop's bookkeeping (best-so-far, history,
+    judging). ``explain`` may replace the attributor for the steps (a raw-autograd reference).
     """
 
     def __init__(self, model, name, x, target_map, explain=None, **attributor_options):
         self.attack = ManipulationAttack(model, name, attributor_options=attributor_options)
-        self.explain = explain if explain is not None else self.attack.explain
-        original_output, relevance, original_map = self.attack.evaluate(x)
-        self.original_class = original_output.argmax(1)
-        target = heatmaps.prepare_target(target_map, x.shape[0], x.shape[2:])
-        self.reference = (target, self.attack._output(original_output),
-                          attributors.total_relevance(relevance))
-        self.x_adv = x.clone().requires_grad_()
-        self.optimizer = torch.optim.Adam([self.x_adv], lr=self.attack.config.lr)
-        self.step = 0
+        self.state = self.attack.start(x, target_map)
+        self.attributor = self.attack.explain  # the registry attributor (set-up, judging)
+        if explain is not None:
+            self.attack.explain = explain
+        self.explain = self.attack.explain  # what each step explains with
+
+    @property
+    def x_adv(self):
+        return self.state.x_adv
 
     def __call__(self):
-        attack = self.attack
-        self.explain.set_beta(attack.beta(self.step % attack.config.iterations))
-        output, relevance = self.explain(self.x_adv, self.original_class)
-        loss = attack._weighted(attack._loss_terms(output, relevance, self.reference))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            self.x_adv.clamp_(0, 1)
-        self.step += 1
-        return loss
+        if self.state.step == self.attack.config.iterations:
+            self.state.step = 0  # keep beta on the attack's schedule
+        return self.attack.step(self.state).loss
 
 
 def attack_step(model, name, x, target_map, fast=True):
@@ -200,9 +192,7 @@ def attack_step(model, name, x, target_map, fast=True):
 
 def raw_step(model, name, x, target_map):
     """The attack step of Captum adapter ``name`` with its explanation in plain autograd."""
-    step = AttackStep(model, name, x, target_map)
-    step.explain = _RawExplain(model, RAW_REFERENCES[name])
-    return step
+    return AttackStep(model, name, x, target_map, explain=_RawExplain(model, RAW_REFERENCES[name]))
 
 
 def raw_saliency(model, x, target_map):

@@ -103,6 +103,32 @@ class AttackResult:
         return metrics.summarize(self.metrics)
 
 
+@dataclasses.dataclass
+class AttackState:
+    """One attack run between steps (:meth:`ManipulationAttack.start` makes it)."""
+
+    x: torch.Tensor
+    x_adv: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    original_output: torch.Tensor
+    original_map: torch.Tensor
+    original_class: torch.Tensor
+    #: (target map, reference output, total relevance of x): what the loss compares with
+    reference: tuple
+    step: int = 0
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What :meth:`ManipulationAttack.step` saw: ``x`` (before the update), its output and loss."""
+
+    x: torch.Tensor
+    output: torch.Tensor
+    loss: torch.Tensor
+    terms: dict
+    beta: float
+
+
 class ManipulationAttack:
     """Targeted manipulation of an explanation, for any registry attributor.
 
@@ -198,58 +224,83 @@ class ManipulationAttack:
         loss = self._weighted(self._loss_terms(output, relevance, reference))
         return loss, output.argmax(1) == original_class
 
+    def start(self, x, target_map):
+        """Set up an attack of images ``x`` (N, 3, H, W) in [0, 1] toward ``target_map`` (N, H, W).
+
+        Returns the :class:`AttackState` that :meth:`step` advances; :meth:`__call__` is
+        ``start``, ``iterations`` steps with best-so-far bookkeeping, and the final judging.
+        """
+        x = _check_images(x, self.explain.device)
+        original_output, relevance, original_map = self.evaluate(x)
+        target = heatmaps.prepare_target(target_map.to(x.device), x.shape[0], x.shape[2:])
+        if self.config.preserve_total_relevance:
+            target = heatmaps.rescale_total(target, original_map)
+        reference = (target, self._output(original_output), attributors.total_relevance(relevance))
+        x_adv = x.clone().requires_grad_()
+        return AttackState(x=x, x_adv=x_adv, optimizer=torch.optim.Adam([x_adv], lr=self.config.lr),
+                           original_output=original_output, original_map=original_map,
+                           original_class=original_output.argmax(1), reference=reference)
+
+    def step(self, state):
+        """One iteration: explain ``x_adv`` (at this step's beta), loss, Adam step, projection.
+
+        Returns a :class:`StepResult` for ``x_adv`` as it was before the update.
+        """
+        c = self.config
+        beta = self.beta(state.step)
+        self.explain.set_beta(beta)
+        x_adv = state.x_adv
+        output, relevance = self.explain(x_adv, state.original_class)
+        terms = self._loss_terms(output, relevance, state.reference)
+        loss = self._weighted(terms)
+        if state.step == 0:
+            self._check_derivative(terms["expl"], x_adv)
+        x_before = x_adv.detach().clone()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        state.optimizer.step()
+        with torch.no_grad():
+            if c.linf is not None:
+                x_adv.copy_(torch.minimum(torch.maximum(x_adv, state.x - c.linf), state.x + c.linf))
+            x_adv.clamp_(0, 1)
+        state.step += 1
+        return StepResult(x=x_before, output=output.detach(), loss=loss.detach(),
+                          terms={key: value.detach() for key, value in terms.items()}, beta=beta)
+
     def __call__(self, x, target_map):
         """Attack images ``x`` (N, 3, H, W) in [0, 1] toward ``target_map`` (N, H, W)."""
         start = time.perf_counter()
         c = self.config
-        x = _check_images(x, self.explain.device)
-        original_output, relevance, original_map = self.evaluate(x)
-        original_class = original_output.argmax(1)
-        target = heatmaps.prepare_target(target_map.to(x.device), x.shape[0], x.shape[2:])
-        if c.preserve_total_relevance:
-            target = heatmaps.rescale_total(target, original_map)
-        reference = (target, self._output(original_output), attributors.total_relevance(relevance))
-
-        x_adv = x.clone().requires_grad_()
-        optimizer = torch.optim.Adam([x_adv], lr=c.lr)
+        state = self.start(x, target_map)
+        x, original_class, reference = state.x, state.original_class, state.reference
         best_x = x.clone()
         best_loss, _ = self._judge(x, original_class, reference)
         history = {"loss": [], "expl": [], "output": [], "relevance": [], "beta": []}
-        last_improvement, step = 0, 0
+        last_improvement = 0
         with _progress_bar(self.progress, self.name, c.iterations) as advance:
             try:
-                for step in range(c.iterations):
-                    self.explain.set_beta(self.beta(step))
-                    output, relevance = self.explain(x_adv, original_class)
-                    terms = self._loss_terms(output, relevance, reference)
-                    loss = self._weighted(terms)
-                    if step == 0:
-                        self._check_derivative(terms["expl"], x_adv)
+                while state.step < c.iterations:
+                    result = self.step(state)
+                    step = state.step - 1
                     if not self.grows_beta:  # the attacked network is the judged one
-                        kept = output.argmax(1) == original_class
-                        last_improvement = _keep_best(best_x, best_loss, x_adv, loss, kept,
+                        kept = result.output.argmax(1) == original_class
+                        last_improvement = _keep_best(best_x, best_loss, result.x, result.loss,
+                                                      kept, step, last_improvement)
+                    elif state.step % c.eval_every == 0:
+                        judged, kept = self._judge(state.x_adv, original_class, reference)
+                        last_improvement = _keep_best(best_x, best_loss, state.x_adv, judged, kept,
                                                       step, last_improvement)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.sum().backward()
-                    optimizer.step()
-                    with torch.no_grad():
-                        if c.linf is not None:
-                            x_adv.copy_(torch.minimum(torch.maximum(x_adv, x - c.linf), x + c.linf))
-                        x_adv.clamp_(0, 1)
-                    if self.grows_beta and ((step + 1) % c.eval_every == 0):
-                        judged, kept = self._judge(x_adv, original_class, reference)
-                        last_improvement = _keep_best(best_x, best_loss, x_adv, judged, kept,
-                                                      step, last_improvement)
-                    _record(history, terms, loss, self.beta(step))
+                    _record(history, result)
                     advance(loss=history["loss"][-1], expl=history["expl"][-1])
                     if c.patience is not None and step - last_improvement >= c.patience:
                         break
             finally:
                 self.explain.set_beta(self.eval_beta)
-        judged, kept = self._judge(x_adv, original_class, reference)
-        _keep_best(best_x, best_loss, x_adv, judged, kept, step, last_improvement)
+        judged, kept = self._judge(state.x_adv, original_class, reference)
+        _keep_best(best_x, best_loss, state.x_adv, judged, kept, state.step, last_improvement)
 
         output_adv, _, adversarial_map = self.evaluate(best_x, original_class)
+        target, original_map, original_output = reference[0], state.original_map, state.original_output
         per_sample = {
             **metrics.prefixed("expl_target", metrics.map_similarity(adversarial_map, target)),
             **metrics.prefixed("expl_original", metrics.map_similarity(adversarial_map, original_map)),
@@ -259,7 +310,7 @@ class ManipulationAttack:
         return AttackResult(
             attributor=self.name, x=x, x_adv=best_x, target_map=target, original_map=original_map,
             adversarial_map=adversarial_map, original_class=original_class, metrics=per_sample,
-            history=history, config=c, iterations=step + 1,
+            history=history, config=c, iterations=state.step,
             seconds=time.perf_counter() - start)
 
     def _check_derivative(self, expl_terms, x_adv):
@@ -283,12 +334,12 @@ def _keep_best(best_x, best_loss, x_adv, loss, kept, step, last_improvement):
     return last_improvement
 
 
-def _record(history, terms, loss, beta):
-    history["loss"].append(loss.detach().mean().item())
+def _record(history, result):
+    history["loss"].append(result.loss.mean().item())
     for key in ("expl", "output", "relevance"):
-        value = terms.get(key)
-        history[key].append(value.detach().mean().item() if value is not None else 0.0)
-    history["beta"].append(beta)
+        value = result.terms.get(key)
+        history[key].append(value.mean().item() if value is not None else 0.0)
+    history["beta"].append(result.beta)
 
 
 def _check_images(x, device):

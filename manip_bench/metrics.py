@@ -1,14 +1,13 @@
 """Similarity of heatmaps, images and outputs, per sample.
 
-SSIM comes from scikit-image, Pearson and Spearman correlation from SciPy.
+SSIM comes from scikit-image, Pearson and Spearman correlation from SciPy (both imported
+on first use: ``scipy.stats`` alone costs ~55 MB and a second of start-up).
 Every function takes batched tensors and returns ``{metric: list of floats}``.
 """
 import math
 
 import numpy as np
 import torch
-from scipy import stats
-from skimage.metrics import structural_similarity
 
 
 def _numpy(tensor):
@@ -23,12 +22,14 @@ def _correlation(fn, a, b):
 
 def pcc(a, b):
     """Pearson correlation of two arrays (NaN if either is constant)."""
-    return _correlation(stats.pearsonr, a, b)
+    from scipy.stats import pearsonr
+    return _correlation(pearsonr, a, b)
 
 
 def spearman(a, b):
     """Spearman rank correlation of two arrays (NaN if either is constant)."""
-    return _correlation(stats.spearmanr, a, b)
+    from scipy.stats import spearmanr
+    return _correlation(spearmanr, a, b)
 
 
 def ssim(a, b, channel_axis=None, data_range=None):
@@ -39,6 +40,7 @@ def ssim(a, b, channel_axis=None, data_range=None):
         return 1.0 if np.array_equal(a, b) else 0.0
     side = min(a.shape[-2:])
     win_size = min(7, side if side % 2 else side - 1)
+    from skimage.metrics import structural_similarity
     return float(structural_similarity(a, b, data_range=data_range, channel_axis=channel_axis,
                                        win_size=win_size))
 

@@ -164,3 +164,19 @@ def test_attack_accepts_an_attributor_instance(model, pair):
     attack = ManipulationAttack(model, explain, iterations=2)
     assert attack.preset == "integrated_gradients"
     assert attack(x, attack.target_maps(x_target)).iterations == 2
+
+
+@pytest.mark.parametrize("name", ["zennit.epsilon", "captum.saliency"])
+def test_start_and_step_are_the_loop(name, model, pair):
+    """The public start/step pair does what one attack run does, step by step."""
+    x, x_target = pair
+    attack = ManipulationAttack(model, name, iterations=4, lr=1e-3, linf=0.02)
+    target_map = attack.target_maps(x_target)
+    result = attack(x, target_map)
+    state = attack.start(x, target_map)
+    steps = [attack.step(state) for _ in range(4)]
+    assert state.step == 4 == result.iterations
+    assert [s.loss.mean().item() for s in steps] == pytest.approx(result.history["loss"], rel=1e-4)
+    assert [s.beta for s in steps] == result.history["beta"]
+    assert torch.equal(steps[0].x, x) and not torch.equal(state.x_adv, x)
+    assert (state.x_adv - x).abs().max() <= 0.02 + 1e-6

@@ -50,7 +50,7 @@ def test_raw_reference_gives_the_adapters_map(name, setting):
     """The raw-autograd references compute the adapters' maps (noisy ones: same work)."""
     model, x, _, target_map = setting
     step = steps.raw_step(model, name, x, target_map)
-    adapter = step.attack.explain
+    adapter = step.attributor
     adapter.set_beta(10.0)
     step.explain.set_beta(10.0)
     torch.manual_seed(0)

@@ -14,7 +14,9 @@ private model copy an attributor owns, and :class:`FastRule` removes them:
    layer input into ``x.clamp(min=0)`` and ``x.clamp(max=0)``; after a ReLU the second is
    all zeros, and its branch (with the bias zeroed, as those rules do) contributes exactly
    zero. It is skipped when the layer input is a ReLU output (:func:`_after_relu`, read
-   from the autograd graph, so no device synchronisation).
+   from the autograd graph, so no device synchronisation): its input, output and gradient
+   are expanded zeros that take no memory, and ``x.clamp(min=0)`` is ``x`` itself (same
+   value, and clamp passes the gradient at ``x >= 0``), so the graph keeps no copies.
 3. **Branches that repeat the forward pass are recomputed.** Epsilon's single branch and
    Gamma's sign mask are the layer's own forward output, which is reused; on a ReLU
    output, Gamma's two live branches are the forward output plus or minus one shared
@@ -38,24 +40,36 @@ no gradient). Layers of other types use Zennit's backward unchanged.
 The rule layouts below are those of Zennit 0.5.1, which ``setup.cfg`` pins.
 """
 import contextlib
+import functools
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from zennit.core import BasicHook, ParamMod
+from zennit.core import BasicHook, ParamMod, Stabilizer
 from zennit.rules import AlphaBeta, ClampMod, Epsilon, Gamma, ZPlus
 
 from .base import FrozenConv2d, conv2d_input_gradient
 
-#: rule class -> (number of branches, branches that are exactly zero for a ReLU output as
-#: input, branch that is the layer's forward output used only through a comparison);
-#: other rules (ZBox, Flat, WSquare, ...) compute every branch
+class _Plan(NamedTuple):
+    """Zennit's branch layout of a rule, as :class:`FastRule` exploits it."""
+
+    branches: int
+    #: branches that are exactly zero when the layer input is a ReLU output (``clamp(max=0)``)
+    zero_after_relu: tuple
+    #: branches whose input modifier, ``clamp(min=0)``, is the identity on a ReLU output
+    same_after_relu: tuple
+    #: branch that is the layer's forward output, used only through a comparison
+    mask_only: int = None
+
+
+#: rule class -> its plan; other rules (ZBox, Flat, WSquare, ...) compute every branch
 _PLANS = {
-    ZPlus: (2, (1,), None),
-    AlphaBeta: (4, (1, 3), None),
-    Gamma: (5, (1, 3), 4),
-    Epsilon: (1, (), None),
+    ZPlus: _Plan(2, (1,), (0,)),
+    AlphaBeta: _Plan(4, (1, 3), (0, 2)),
+    Gamma: _Plan(5, (1, 3), (0, 2), 4),
+    Epsilon: _Plan(1, (), ()),
 }
 
 
@@ -145,6 +159,11 @@ def _after_relu(tensor):
     return False
 
 
+def _zeros(tensor):
+    """Zeros shaped like ``tensor`` that take no memory (one element, expanded)."""
+    return tensor.new_zeros(()).expand(tensor.shape)
+
+
 def _layer_forward(module, input, params):
     if isinstance(module, nn.Linear):
         return F.linear(input, params["weight"], params.get("bias"))
@@ -169,20 +188,40 @@ class FastRule:
         copy.frozen = self.frozen
         return copy
 
+    def pre_forward(self, module, input):
+        self.stored_tensors["raw_input"] = input if isinstance(input, tuple) else (input,)
+        return super().pre_forward(module, input)
+
     def forward(self, module, input, output):
-        self.stored_tensors["input"] = input
-        self.stored_tensors["output"] = output
         self.stored_tensors["module"] = module
+        raw_input = self.stored_tensors.pop("raw_input", None)
+        if not self.handles(module):
+            return super().forward(module, input, output)
+        # The layer input before Zennit's identity-and-clone (same values; the clone is
+        # only there for in-place layers): the clone is then freed after this layer's
+        # forward instead of living as long as the graph.
+        self.stored_tensors["input"] = raw_input
+        if self._uses_forward_output():
+            self.stored_tensors["output"] = output
+        return None
 
     def _plan(self):
-        """``(branches, zero for a ReLU input, mask only)``, or None for Zennit's backward."""
+        """The rule's :class:`_Plan`, or None for Zennit's backward."""
         probe = torch.empty(0)
         if any(out_mod(probe) is not probe for out_mod in self.output_modifiers):
             return None  # a branch gradient through a non-identity output modifier
         rule = next((cls for cls in type(self).__mro__ if cls in _PLANS), None)
         if rule is None:
-            return len(self.input_modifiers), (), None  # every branch computed
-        return _PLANS[rule] if len(self.input_modifiers) == _PLANS[rule][0] else None
+            return _Plan(len(self.input_modifiers), (), ())  # every branch computed
+        return _PLANS[rule] if len(self.input_modifiers) == _PLANS[rule].branches else None
+
+    def _branch_is_layer(self):
+        """Whether the rule's single branch is the layer itself (Epsilon, bias kept)."""
+        return isinstance(self, Epsilon) and not self.param_modifiers[0].zero_params
+
+    def _uses_forward_output(self):
+        """Whether :meth:`backward` reuses the layer's forward output (Epsilon, Gamma)."""
+        return self._plan().mask_only is not None or self._branch_is_layer()
 
     def handles(self, module):
         """Whether :meth:`backward` computes this module's relevance (else Zennit's does)."""
@@ -192,42 +231,71 @@ class FastRule:
     def backward(self, module, grad_input, grad_output):
         if not self.handles(module):
             return super().backward(module, grad_input, grad_output)
-        _, zero_if_nonneg, mask_only = self._plan()
-        original_input = self.stored_tensors["input"][0]
-        forward_output = self.stored_tensors["output"]
-        skip = set(zero_if_nonneg) if zero_if_nonneg and _after_relu(original_input) else set()
-        if skip and isinstance(self, Gamma) and self._gamma() is not None:
-            return self._gamma_after_relu(module, original_input, forward_output, grad_output,
-                                          grad_input)
-        idle = skip | {mask_only}  # branches whose gradient is not needed
+        x = self.stored_tensors["input"][0]
+        plan = self._plan()
+        after_relu = bool(plan.zero_after_relu) and _after_relu(x)
+        relevance = self._written_out(module, x, grad_output[0], after_relu)
+        if relevance is None:
+            relevance = self._branches(module, x, grad_output[0], plan, after_relu)
+        return tuple(relevance if original.shape == relevance.shape else None
+                     for original in grad_input)
+
+    def _branches(self, module, x, grad, plan, after_relu):
+        """Zennit's branches, gradient mapper and reducer, minus the zero and idle branches."""
+        skip = set(plan.zero_after_relu) if after_relu else set()
+        idle = skip | {plan.mask_only}  # branches whose gradient is not needed
         params = [None if index in idle else self.frozen.get(mod, module)
                   for index, mod in enumerate(self.param_modifiers)]
-        if isinstance(self, Epsilon) and not self.param_modifiers[0].zero_params:
-            # the single branch is the layer itself: reuse the forward output (and its graph)
-            inputs, outputs = [original_input], [forward_output]
-        else:
-            inputs, outputs = [], []
-            for index, (in_mod, out_mod, param) in enumerate(
-                    zip(self.input_modifiers, self.output_modifiers, params)):
-                inputs.append(in_mod(original_input))
-                if index == mask_only:
-                    outputs.append(forward_output.detach())
-                elif index in skip:
-                    outputs.append(None)
-                else:
-                    outputs.append(out_mod(_layer_forward(module, inputs[-1], param)))
-            live = next(output for output in outputs if output is not None)
-            outputs = [torch.zeros_like(live) if output is None else output for output in outputs]
-        grad_outputs = self.gradient_mapper(grad_output[0], outputs)
+        inputs, outputs = [], []
+        for index, (in_mod, out_mod, param) in enumerate(
+                zip(self.input_modifiers, self.output_modifiers, params)):
+            if index in skip:
+                inputs.append(_zeros(x))
+            elif after_relu and index in plan.same_after_relu:
+                inputs.append(x)  # clamp(min=0) of x >= 0: same value and gradient
+            else:
+                inputs.append(in_mod(x))
+            if index == plan.mask_only:
+                outputs.append(self.stored_tensors["output"].detach())
+            elif index in skip:
+                outputs.append(None)
+            else:
+                outputs.append(out_mod(_layer_forward(module, inputs[-1], param)))
+        live = next(output for output in outputs if output is not None)
+        outputs = [_zeros(live) if output is None else output for output in outputs]
+        grad_outputs = self.gradient_mapper(grad, outputs)
         if isinstance(grad_outputs, torch.Tensor):
             grad_outputs = (grad_outputs,)
         gradients = [
-            torch.zeros_like(input) if index in idle
+            _zeros(input) if index in idle
             else _input_gradient(module, grad, param["weight"], input.shape)
             for index, (input, grad, param) in enumerate(zip(inputs, grad_outputs, params))]
-        relevance = self.reducer(inputs, gradients)
-        return tuple(relevance if original.shape == relevance.shape else None
-                     for original in grad_input)
+        return self.reducer(inputs, gradients)
+
+    def _written_out(self, module, x, grad, after_relu):
+        """The relevance of the common cases with the rule's arithmetic written out.
+
+        Zennit's mappers and reducers run every branch through sign masks, bool-to-float
+        conversions and sums with zero branches; for its own Epsilon, ZPlus and Gamma
+        (recognised by their code) the same values are a handful of tensor operations:
+        Epsilon ``x * W^T (R / s(z))``; ZPlus on a ReLU output ``x * W+^T (R / s(W+ x))``;
+        Gamma on a ReLU output see :meth:`_gamma_after_relu`. ``s`` is the rule's own
+        stabiliser (:func:`_fast_stabilizer` when it is Zennit's default one). Returns
+        None for anything else (Zennit's mapper and reducer then run).
+        """
+        stabilize = _stabilizer(self)
+        if stabilize is None:
+            return None
+        if self._branch_is_layer() and _stock(self, Epsilon):
+            z = self.stored_tensors["output"]
+            return x * _input_gradient(module, grad / stabilize(z), module.weight, x.shape)
+        if after_relu and _stock(self, ZPlus):
+            params = self.frozen.get(self.param_modifiers[0], module)
+            z = _layer_forward(module, x, params)
+            return x * _input_gradient(module, grad / stabilize(z), params["weight"], x.shape)
+        if after_relu and _stock(self, Gamma) and self._gamma() is not None:
+            return self._gamma_after_relu(module, x, grad, stabilize)
+        return None
 
     def _gamma(self):
         """Gamma's gamma, if its branches have Zennit's layout with the bias kept where usual."""
@@ -235,34 +303,60 @@ class FastRule:
         if len(mods) != 5 or mods[0].zero_params or mods[2].zero_params:
             return None
         function = mods[0].modifier
-        cells = dict(zip(function.__code__.co_freevars,
-                         (cell.cell_contents for cell in function.__closure__ or ())))
-        return cells.get("gamma")
+        return _closure(function).get("gamma")
 
-    def _gamma_after_relu(self, module, x, z, grad_output, grad_input):
+    def _gamma_after_relu(self, module, x, grad, stabilize):
         """Gamma on a ReLU output in one convolution and two transposed ones (not 2 and 2+2).
 
-        With ``x >= 0`` and ``q = W+ x + b+`` (``W+``, ``b+`` the positive parts), Zennit's
-        two live branches are ``o0 = (W + gW+) x + b + gb+ = z + g q`` and
-        ``o2 = (W + gW-) x + b + gb- = (1 + g) z - g q`` (no cancellation: they are used
-        where ``z > 0`` and ``z < 0``), and their gradients sum to
-        ``W^T (a + (1 + g) b) + g W+^T (a - b)``. Zennit's gradient mapper and reducer
-        (stabiliser, sign masks) are used unchanged.
+        With ``x >= 0``, ``z`` the layer output and ``q = W+ x + b+`` (``W+``, ``b+`` the
+        positive parts), Zennit's two live branches are ``o0 = (W + gW+) x + b + gb+ =
+        z + g q`` (used where ``z > 0``) and ``o2 = (W + gW-) x + b + gb- = (1 + g) z - g q``
+        (used where ``z < 0``). With ``a = [z > 0] R / s(o0)`` and ``b = [z < 0] R / s(o2)``,
+        the relevance is ``x * (W^T (a + (1 + g) b) + g W+^T (a - b))``.
         """
         gamma = self._gamma()
+        z = self.stored_tensors["output"]
         positive = self.frozen.get(_POSITIVE_PARTS, module)
         q = _layer_forward(module, x, positive)
-        inputs = [in_mod(x) for in_mod in self.input_modifiers]
-        zeros = torch.zeros_like(z)
-        outputs = [z + gamma * q, zeros, (1 + gamma) * z - gamma * q, zeros, z.detach()]
-        grad_outputs = self.gradient_mapper(grad_output[0], outputs)
-        a, b = grad_outputs[0], grad_outputs[2]
+        a = torch.where(z > 0, grad / stabilize(z + gamma * q), 0.0)
+        b = torch.where(z < 0, grad / stabilize((1 + gamma) * z - gamma * q), 0.0)
         gradient = (_input_gradient(module, a + (1 + gamma) * b, module.weight, x.shape)
                     + gamma * _input_gradient(module, a - b, positive["weight"], x.shape))
-        gradients = [gradient] + [torch.zeros_like(x)] * 4
-        relevance = self.reducer(inputs, gradients)
-        return tuple(relevance if original.shape == relevance.shape else None
-                     for original in grad_input)
+        return x * gradient
+
+
+def _closure(function):
+    """``{name: value}`` of a function's closure variables."""
+    return dict(zip(function.__code__.co_freevars,
+                    (cell.cell_contents for cell in function.__closure__ or ())))
+
+
+#: the code of Zennit's own gradient mapper and reducer of each rule class
+_STOCK_CODE = {cls: (cls().gradient_mapper.__code__, cls().reducer.__code__)
+               for cls in (Epsilon, ZPlus, Gamma)}
+
+
+def _stock(rule, cls):
+    """Whether ``rule`` is a ``cls`` with Zennit's own gradient mapper and reducer."""
+    return isinstance(rule, cls) and (rule.gradient_mapper.__code__,
+                                      rule.reducer.__code__) == _STOCK_CODE[cls]
+
+
+def _stabilizer(rule):
+    """The stabiliser in the rule's gradient mapper, as a fast equivalent where one exists."""
+    stabilizer = _closure(rule.gradient_mapper).get("stabilizer_fn")
+    if type(stabilizer) is Stabilizer and not stabilizer.clip and not stabilizer.norm_scale:
+        return functools.partial(_fast_stabilizer, epsilon=stabilizer.epsilon)
+    return stabilizer
+
+
+def _fast_stabilizer(z, epsilon):
+    """Zennit's default stabiliser ``z + eps * sign(z)`` (``+eps`` at 0) in two operations.
+
+    Same values (``z +/- eps`` exactly) and the same derivative (1) as
+    ``z + ((z == 0).to(z) + z.sign()) * eps``, without its five full-size temporaries.
+    """
+    return z + torch.where(z >= 0, z.new_tensor(epsilon), z.new_tensor(-epsilon))
 
 
 #: ``W+``, ``b+`` of a layer (cached by :class:`FrozenParams` like a rule's own modifications)

@@ -133,3 +133,45 @@ def test_smooth_beta_changes_the_map(plain_cnn, images):
 def test_non_module_model_is_an_error():
     with pytest.raises(ManipBenchError, match="torch.nn.Module"):
         attributors.create("captum.saliency", lambda x: x)
+
+
+def test_private_copy_shares_the_callers_weights_read_only(plain_cnn):
+    """No second copy of the weights in memory, and the caller's flags stay as they were."""
+    explain = attributors.create("captum.saliency", plain_cnn)
+    for mine, theirs in zip(explain.model.parameters(), plain_cnn.parameters()):
+        assert mine is not theirs and mine.data_ptr() == theirs.data_ptr()
+        assert not mine.requires_grad and theirs.requires_grad
+    for mine, theirs in zip(explain.model.buffers(), plain_cnn.buffers()):
+        assert mine.data_ptr() == theirs.data_ptr()
+
+
+def test_in_place_weight_updates_reach_the_copy(plain_cnn, images):
+    """Shared storage: an optimiser step on the caller's model is what the copy explains next."""
+    explain = attributors.create("zennit.epsilon", plain_cnn)
+    before = explain(images, 1)[1]
+    with torch.no_grad():
+        for parameter in plain_cnn.parameters():
+            parameter.mul_(0.5)
+    fresh = attributors.create("zennit.epsilon", plain_cnn)(images, 1)[1]
+    after = explain(images, 1)[1]
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, fresh, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["zennit.epsilon_plus_flat", "zennit.gamma_vgg",
+                                  "captum.saliency"])
+def test_batch_norm_merging_on_the_copy_leaves_the_shared_weights_alone(name, images):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    model.eval()
+    before = snapshot(model)
+    x = images.clone().requires_grad_()
+    output, relevance = attributors.create(name, model)(x, 1)
+    torch.autograd.grad(relevance.square().sum() + output.sum(), x)
+    assert_unchanged(model, before)

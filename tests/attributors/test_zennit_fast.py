@@ -94,3 +94,33 @@ def test_layers_compute_their_own_input_gradient_again_after_explaining():
     assert layers
     explain(torch.rand(1, 3, 32, 32), 0)
     assert not any(layer.discard_input_gradient for layer in layers)
+
+
+def test_fast_stabilizer_equals_zennits():
+    from zennit.core import stabilize
+
+    z = torch.tensor([-2.0, -1e-7, -0.0, 0.0, 1e-7, 3.0], dtype=torch.float64,
+                     requires_grad=True)
+    fast = zennit_fast._fast_stabilizer(z, epsilon=1e-6)
+    stock = stabilize(z, epsilon=1e-6)
+    assert torch.equal(fast, stock) and fast.dtype == z.dtype
+    (fast_grad,) = torch.autograd.grad(fast.sum(), z)
+    (stock_grad,) = torch.autograd.grad(stock.sum(), z)
+    assert torch.equal(fast_grad, stock_grad)
+
+
+@pytest.mark.parametrize("name, zennits", [
+    ("zennit.epsilon", 0),            # every layer written out
+    ("zennit.gamma_vgg", 1),          # all but the first layer (its input is the image)
+    ("zennit.epsilon_plus_flat", 1),  # ♭ on the first layer has no written-out form
+    ("zennit.epsilon_gamma_box", 1),  # zB on the first layer
+])
+def test_common_layers_use_the_written_out_arithmetic(name, zennits, monkeypatch):
+    """Only the layers without a written-out form run Zennit's mapper and reducer."""
+    calls = []
+    original = zennit_fast.FastRule._branches
+    monkeypatch.setattr(zennit_fast.FastRule, "_branches",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    explain = attributors.create(name, CifarVGG((4, "M", 8, 8, "M", 8, "M")))
+    explain(torch.rand(2, 3, 32, 32), 0)
+    assert len(calls) == zennits
