@@ -7,7 +7,9 @@ Every time is a median over rounds; every ratio divides two medians of the same 
   ÷ the same attributor through Zennit's own hooks (``fast=False``);
 * ``b16 speed-up``: images per second at batch 16 ÷ at batch 1.
 
-Usage: ``python benchmarks/ratios.py benchmarks/results/cuda-h100.json [more.json ...]``
+Usage: ``python benchmarks/ratios.py benchmarks/results/cuda-h100.json [more.json ...]``;
+``python benchmarks/ratios.py benchmarks/results/reference-cpu-2core.jsonl`` divides
+``attack_time.py --json`` records by the paper's reference implementation's time and memory.
 """
 import argparse
 import json
@@ -82,13 +84,39 @@ def table(runs, description):
     return "\n".join(lines)
 
 
+#: the paper's reference implementation on a 2-core machine (VGG-16, 224², batch 1, CPU):
+#: (method, threads) -> (seconds per attack iteration, peak memory in GB)
+REFERENCE = {("zennit.paper_lrp", 2): (7.55, 5.0), ("zennit.paper_lrp", 1): (12.0, 5.0),
+             ("captum.saliency", 2): (2.03, 3.8), ("captum.saliency", 1): (3.4, 3.8)}
+
+
+def reference_table(path):
+    """``attack_time.py --json`` lines divided by the reference implementation's numbers."""
+    lines = ["| step (VGG-16, 224², batch 1) | threads | s / iteration | ÷ reference "
+             "| peak memory | ÷ reference |", "|---|---|---|---|---|---|"]
+    with open(path) as handle:
+        for record in map(json.loads, handle):
+            threads = int(record["where"].split(",")[1].split()[0]) \
+                if record["where"].startswith("CPU") else None
+            seconds, gigabytes = REFERENCE.get((record["method"], threads), (None, None))
+            peak_gb = record["peak_mib"] * 2**20 / 1e9
+            lines.append(f"| {record['method']} | {threads} | {record['step_s']:.2f} "
+                         f"| {fmt_ratio(ratio(record['step_s'], seconds))} | {peak_gb:.2f} GB "
+                         f"| {fmt_ratio(ratio(peak_gb, gigabytes))} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", help="--benchmark-json output files")
+    parser.add_argument("files", nargs="+", help="--benchmark-json output files, or "
+                        "attack_time.py --json lines (*.jsonl): compared with the reference code")
     args = parser.parse_args(argv)
     for path in args.files:
-        runs, description = load(path)
-        print(table(runs, description))
+        if path.endswith(".jsonl"):
+            print(reference_table(path))
+        else:
+            runs, description = load(path)
+            print(table(runs, description))
         print()
 
 

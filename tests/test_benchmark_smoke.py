@@ -86,3 +86,13 @@ def test_ratio_table_from_a_benchmark_json(tmp_path):
     path.write_text(__import__("json").dumps(data))
     text = ratios.table(*ratios.load(path))
     assert "| captum.saliency | 30.0 ms | 3.00× | raw autograd | 2.50× | 1.20× | 2.00× | 100 |" in text
+
+
+def test_reference_comparison_table(tmp_path):
+    record = {"method": "zennit.paper_lrp", "model": "vgg16", "batch": 1,
+              "where": "CPU, 2 threads, load average 0.10", "step_s": 1.51,
+              "peak_mib": 2.5e9 / 2**20}
+    path = tmp_path / "reference.jsonl"
+    path.write_text(__import__("json").dumps(record) + "\n")
+    text = ratios.reference_table(str(path))
+    assert "| zennit.paper_lrp | 2 | 1.51 | 0.20× | 2.50 GB | 0.50× |" in text

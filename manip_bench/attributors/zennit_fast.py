@@ -2,7 +2,7 @@
 
 Zennit's ``BasicHook.backward`` re-runs each hooked layer once per rule branch inside the
 backward pass and differentiates those re-runs with ``torch.autograd.grad``. For the
-attack's double backpropagation, five things in that are pure overhead on the frozen
+attack's double backpropagation, seven things in that are pure overhead on the frozen
 private model copy an attributor owns, and :class:`FastRule` removes them:
 
 1. **Modified weights are rebuilt on every call** (``ParamMod`` wraps ``W.clamp(min=0)``
@@ -32,11 +32,21 @@ private model copy an attributor owns, and :class:`FastRule` removes them:
    layer's backward before Zennit's hook replaces its result. For the prepared copy's
    ``FrozenConv2d`` layers that backward returns zeros instead while the explanation's
    backward runs (:func:`replaced_input_gradients`).
+6. **Gradient mappers and reducers run every branch** through sign masks, bool-to-float
+   conversions, five-operation stabilisers and sums with zero branches, in the
+   explanation and again in its derivative. For Zennit's own Epsilon, ZPlus (on a ReLU
+   output) and Gamma (on a ReLU output), recognised by the code of their mapper and
+   reducer, the same values are written out in a few operations
+   (:meth:`FastRule._written_out`, :func:`_fast_stabilizer`).
+7. **Tensors outlive their use**: Zennit clones each hooked layer's input (for in-place
+   layers) and the clone lives as long as the graph; the rules here keep the layer input
+   from before the clone and the forward output only where they reuse it.
 
-Everything else (stabilisers, gradient mappers, reducers: the rule itself) is Zennit's own
-code. The relevance equals Zennit's to rounding, and so does its derivative in x (a
-skipped branch's derivative is nonzero only at the ReLU's zeros, where the ReLU passes
-no gradient). Layers of other types use Zennit's backward unchanged.
+Everything else (other rules and first layers: Zennit's stabilisers, gradient mappers and
+reducers) is Zennit's own code. The relevance equals Zennit's to rounding, and so does its
+derivative in x (a skipped branch's derivative is nonzero only at the ReLU's zeros, where
+the ReLU passes no gradient); ``tests/attributors/test_zennit_fast.py`` checks both against
+Zennit's hooks for every LRP name. Layers of other types use Zennit's backward unchanged.
 The rule layouts below are those of Zennit 0.5.1, which ``setup.cfg`` pins.
 """
 import contextlib

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manip_bench.errors import ManipBenchError
+from manip_bench.experiment import pick_device
 from manip_bench.models.cifar_vgg import CIFAR10_CLASSES, CifarVGG, fold_batch_norm
 
 
@@ -58,14 +59,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ManipBenchError("--device cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def subset(items, limit, seed):
