@@ -145,14 +145,16 @@ def test_private_copy_shares_the_callers_weights_read_only(plain_cnn):
         assert mine.data_ptr() == theirs.data_ptr()
 
 
-def test_in_place_weight_updates_reach_the_copy(plain_cnn, images):
-    """Shared storage: an optimiser step on the caller's model is what the copy explains next."""
-    explain = attributors.create("zennit.epsilon", plain_cnn)
+@pytest.mark.parametrize("name", ["zennit.epsilon", "zennit.paper_lrp", "captum.saliency"])
+def test_in_place_weight_updates_reach_the_copy(name, plain_cnn, images):
+    """Shared storage: an optimiser step on the caller's model is what the copy explains next
+    (also through the fast LRP path's cache of rule-modified weights)."""
+    explain = attributors.create(name, plain_cnn)
     before = explain(images, 1)[1]
     with torch.no_grad():
         for parameter in plain_cnn.parameters():
-            parameter.mul_(0.5)
-    fresh = attributors.create("zennit.epsilon", plain_cnn)(images, 1)[1]
+            parameter.mul_(-0.5)
+    fresh = attributors.create(name, plain_cnn)(images, 1)[1]
     after = explain(images, 1)[1]
     assert not torch.allclose(after, before)
     assert torch.allclose(after, fresh, rtol=1e-5, atol=1e-7)
