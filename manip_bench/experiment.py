@@ -1,4 +1,5 @@
 """One manipulation experiment end to end: load, attack, write results (``manip-bench run``)."""
+import contextlib
 import json
 import os
 import platform
@@ -7,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__, data, models
@@ -30,6 +32,21 @@ def pick_device(name="auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ManipBenchError("--device cuda was asked for, but torch sees no CUDA device")
     return device
+
+
+@contextlib.contextmanager
+def private_random_state(seed, device):
+    """Seed torch and NumPy for one job, and give the caller back their own streams after."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+            yield
+    finally:
+        np.random.set_state(state)
 
 
 def pick_threads(device, input_size, threads=None):
@@ -75,19 +92,19 @@ def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image
     device = pick_device(device)
     size = models.input_size(model)
     threads = pick_threads(device, size, threads)
-    torch.manual_seed(seed)
-    net = models.load(model, weights, device)
-    x = data.load_image(image or data.DEFAULT_IMAGE, size)[None].to(device)
-    attack = ManipulationAttack(net, attributor, preset=preset, smooth_beta=smooth_beta,
-                                progress=progress, **overrides)
-    if target_map is not None:
-        target, target_x = data.load_target_map(target_map, size)[None].to(device), None
-        target_source = str(target_map)
-    else:
-        target_source = target_image or data.DEFAULT_TARGET_IMAGE
-        target_x = data.load_image(target_source, size)
-        target = attack.target_maps(target_x[None].to(device))
-    result = attack(x, target)
+    with private_random_state(seed, device):
+        net = models.load(model, weights, device)
+        x = data.load_image(image or data.DEFAULT_IMAGE, size)[None].to(device)
+        attack = ManipulationAttack(net, attributor, preset=preset, smooth_beta=smooth_beta,
+                                    progress=progress, **overrides)
+        if target_map is not None:
+            target, target_x = data.load_target_map(target_map, size)[None].to(device), None
+            target_source = str(target_map)
+        else:
+            target_source = target_image or data.DEFAULT_TARGET_IMAGE
+            target_x = data.load_image(target_source, size)
+            target = attack.target_maps(target_x[None].to(device))
+        result = attack(x, target)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

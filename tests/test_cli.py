@@ -26,6 +26,18 @@ def test_run_writes_a_valid_result(tmp_path):
                                              "manipulated.pt"}
 
 
+def test_run_leaves_the_callers_random_stream_alone(tmp_path):
+    import torch
+
+    from manip_bench import experiment
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    experiment.run(attributor="zennit.epsilon", out=tmp_path / "run", iterations=2)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_run_with_a_target_map_and_a_gradient_method(tmp_path):
     out = tmp_path / "run"
     assert run_cli("run", "--attributor", "captum.saliency", "--target-map", "text",

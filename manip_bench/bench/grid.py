@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from .. import attributors, data, models
 from ..attack import ManipulationAttack, make_config
 from ..errors import ManipBenchError
-from ..experiment import pick_device, pick_threads, versions
+from ..experiment import pick_device, pick_threads, private_random_state, versions
 from .results import ResultsWriter, read_results, results_name, row_key
 
 #: ``pairs`` value for pairs drawn from scikit-image's bundled photos
@@ -366,7 +366,8 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
                 continue
             if loaded != model:
                 name, weights = parse_model(model)
-                net, loaded = models.load(name, weights, device), model
+                with private_random_state(grid.seed, device):  # "random" weights: the same
+                    net, loaded = models.load(name, weights, device), model  # in every shard
                 size = models.input_size(name)
                 pick_threads(device, size, threads)
             attack = ManipulationAttack(net, method.attributor, preset=grid.preset,
@@ -403,7 +404,11 @@ def _synchronize(device):
 def _run_batch(attack, grid, model, method, batch, size, device, out):
     """Attack one batch of pairs; save the cell's example if pair 0 is in it; return rows."""
     seed = zlib.crc32(f"{grid.seed}/{method.cell_id(model)}/{batch[0]}".encode())
-    torch.manual_seed(seed)  # the same batch gets the same noise on every rerun
+    with private_random_state(seed, device):  # the same batch gets the same noise on every rerun
+        return _attack_batch(attack, grid, model, method, batch, size, device, out)
+
+
+def _attack_batch(attack, grid, model, method, batch, size, device, out):
     pairs = [grid.pairs[i] for i in batch]
     x = data.load_batch([p[0] for p in pairs], size).to(device)
     x_target = data.load_batch([p[1] for p in pairs], size).to(device)

@@ -10,7 +10,6 @@ Nothing of the user's is changed: the model is copied (by the attributors), the 
 object and the composite are only read, and the random number generators of torch and
 NumPy are restored afterwards (also on an interrupt).
 """
-import contextlib
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import attributors, data, heatmaps, metrics, models
+from ..experiment import private_random_state
 from ..attack import ManipulationAttack
 from ..errors import ManipBenchError
 from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT, recognise
@@ -35,21 +35,6 @@ def manipulability(target_pcc, class_kept):
     """Per-sample ``s_i = clip(PCC_i, 0, 1)`` if the class is kept, else 0 (NaN PCC: 0)."""
     return [min(max(p, 0.0), 1.0) if kept and not math.isnan(p) else 0.0
             for p, kept in zip(target_pcc, class_kept)]
-
-
-@contextlib.contextmanager
-def _private_random_state(seed, device):
-    """Seed torch and NumPy for the check, and give the caller back their own streams after."""
-    devices = [device] if device.type == "cuda" else []
-    state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-                np.random.seed(seed)
-            yield
-    finally:
-        np.random.set_state(state)
 
 
 def _images(inputs, device):
@@ -149,7 +134,7 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
     x = _images(inputs, device)
     budget = {"iterations": int(iterations), "linf": linf,
               "lr": lr if lr is not None else (linf * LR_PER_LINF if linf else None)}
-    with _private_random_state(seed, device):
+    with private_random_state(seed, device):
         explain = method.create()
         with torch.no_grad():
             predicted = explain.model(x).argmax(1)

@@ -53,6 +53,19 @@ def test_tiny_grid_writes_the_expected_rows(tiny_grid, tmp_path):
     assert len(read_rows(out / "results.jsonl")) == 6
 
 
+def test_the_callers_random_streams_are_left_alone(tiny_grid, tmp_path):
+    import numpy as np
+    import torch
+
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    bench.run_grid(tiny_grid, tmp_path / "run", batch_size=3, device="cpu")
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+
+
 def test_exception_after_k_rows_loses_nothing_on_resume(tiny_grid, tmp_path):
     out = tmp_path / "run"
     seen = []
