@@ -205,14 +205,16 @@ class FastRule:
     def forward(self, module, input, output):
         self.stored_tensors["module"] = module
         raw_input = self.stored_tensors.pop("raw_input", None)
-        if not self.handles(module):
+        plan = self._plan() if self._handles(module) else None
+        if plan is None:
             return super().forward(module, input, output)
+        self.stored_tensors["plan"] = plan  # this layer's relevance is computed here
         # The layer input before Zennit's identity-and-clone (same values; the clone is
         # only there for in-place layers): the clone is then freed after this layer's
         # forward instead of living as long as the graph.
         self.stored_tensors["input"] = raw_input
-        if self._uses_forward_output():
-            self.stored_tensors["output"] = output
+        if plan.mask_only is not None or self._branch_is_layer():
+            self.stored_tensors["output"] = output  # reused by Gamma and Epsilon
         return None
 
     def _plan(self):
@@ -229,20 +231,16 @@ class FastRule:
         """Whether the rule's single branch is the layer itself (Epsilon, bias kept)."""
         return isinstance(self, Epsilon) and not self.param_modifiers[0].zero_params
 
-    def _uses_forward_output(self):
-        """Whether :meth:`backward` reuses the layer's forward output (Epsilon, Gamma)."""
-        return self._plan().mask_only is not None or self._branch_is_layer()
-
-    def handles(self, module):
-        """Whether :meth:`backward` computes this module's relevance (else Zennit's does)."""
-        return self._plan() is not None and _supported(module) and all(
+    def _handles(self, module):
+        """Whether :meth:`backward` can compute this module's relevance (else Zennit's does)."""
+        return _supported(module) and all(
             self.frozen.signature(ParamMod.ensure(mod)) is not None for mod in self.param_modifiers)
 
     def backward(self, module, grad_input, grad_output):
-        if not self.handles(module):
+        plan = self.stored_tensors.get("plan")  # decided once, in the layer's forward
+        if plan is None:
             return super().backward(module, grad_input, grad_output)
         x = self.stored_tensors["input"][0]
-        plan = self._plan()
         after_relu = bool(plan.zero_after_relu) and _after_relu(x)
         relevance = self._written_out(module, x, grad_output[0], after_relu)
         if relevance is None:
@@ -398,9 +396,10 @@ def replaced_input_gradients(composite):
     """
     layers = []
     for hook in list(composite.hook_refs):
-        layer = hook.stored_tensors.get("module") if isinstance(hook, FastRule) else None
-        if isinstance(layer, FrozenConv2d) and hook.handles(layer):
-            layers.append(layer)
+        if isinstance(hook, FastRule) and "plan" in hook.stored_tensors:
+            layer = hook.stored_tensors["module"]
+            if isinstance(layer, FrozenConv2d):
+                layers.append(layer)
     try:
         for layer in layers:
             layer.discard_input_gradient = True

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .. import attributors, data, heatmaps, metrics, models
-from ..experiment import private_random_state
 from ..attack import ManipulationAttack
 from ..errors import ManipBenchError
+from ..experiment import private_random_state
 from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT, recognise
 from .report import RobustnessReport
 
