@@ -4,11 +4,12 @@ Pipeline: model + images -> attributors -> attack -> metrics -> bench/report -> 
 """
 __version__ = "0.1.0"
 
-from . import attributors, heatmaps, metrics  # noqa: E402
+from . import attributors, heatmaps, losses, metrics, schedule, threat  # noqa: E402
 from .attack import AttackConfig, AttackResult, ManipulationAttack  # noqa: E402
 from .errors import ManipBenchError  # noqa: E402
+from .threat import Budget  # noqa: E402
 from .robustness import ManipulationRobustness, RobustnessReport, check_robustness  # noqa: E402
 
-__all__ = ["AttackConfig", "AttackResult", "ManipBenchError", "ManipulationAttack",
+__all__ = ["AttackConfig", "AttackResult", "Budget", "ManipBenchError", "ManipulationAttack",
            "ManipulationRobustness", "RobustnessReport", "attributors", "check_robustness",
-           "heatmaps", "metrics", "__version__"]
+           "heatmaps", "losses", "metrics", "schedule", "threat", "__version__"]

@@ -1,14 +1,17 @@
 """The manipulation attack (Dombrowski et al. 2019): one engine for every attributor.
 
-Minimises over ``x_adv`` (Adam in [0, 1] pixel space, clamped after every step)::
+Minimises over ``x_adv``, inside a threat model (:mod:`manip_bench.threat`: an L-inf or
+L2 ball around ``x`` intersected with [0, 1], or unbounded), the sum of its losses
+(:mod:`manip_bench.losses`), by default the paper's::
 
     L = w_expl * MSE(h(x_adv), h_target) + w_out * MSE(g(x_adv), g(x))
-        [+ w_rel * (sum R(x_adv) - sum R(x))^2]
 
 with ``h`` the heatmap of the attributor's relevance and ``g`` the network output.
+Steps come from a schedule (:mod:`manip_bench.schedule`): by default one tied to the
+budget that tunes itself; the paper's fixed-rate Adam with ``preset="paper"``.
 Gradient-type attributors run on the Softplus(beta) network with beta grown from 10 to
 100; the result is always judged on the network the user explains (ReLU, or the
-beta-smoothed one for the defence).
+beta-smoothed one for the defence), and the best image so far is returned.
 """
 import contextlib
 import dataclasses
@@ -18,64 +21,115 @@ import time
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import attributors, heatmaps, metrics
+from . import attributors, heatmaps, losses, metrics
+from . import schedule as schedules
 from .errors import ManipBenchError
+from .threat import DEFAULT_BUDGET, Budget
 
 #: The paper's learning rates are Adam steps in the normalised input space (std ~ 0.25);
 #: this engine steps in [0, 1] pixel space, where the same move is lr * 0.25.
 PIXEL_SCALE = 0.25
 
-#: The paper's hyper-parameters (Table 1: VGG-16 / ImageNet; Table 3: CIFAR-10).
+#: The default: budget-tied self-tuning steps inside L-inf 8/255 (no per-method tuning).
+DEFAULT_PRESET = "auto"
+_PAPER = dict(schedule="adam", budget="none", weight_expl=1e11, weight_output=1e6)
+#: ``auto`` plus the paper's hyper-parameters (Table 1: VGG-16 / ImageNet; Table 3:
+#: CIFAR-10), which attack without a budget unless one is given.
 PRESETS = {
-    "gradient": dict(iterations=1500, lr=1e-3 * PIXEL_SCALE, weight_expl=1e11, weight_output=1e6),
-    "integrated_gradients": dict(iterations=500, lr=5e-3 * PIXEL_SCALE, weight_expl=1e11,
-                                 weight_output=1e6),
-    "lrp": dict(iterations=1500, lr=2e-4 * PIXEL_SCALE, weight_expl=1e11, weight_output=1e6),
-    "cifar10": dict(iterations=1500, lr=2e-4 * PIXEL_SCALE, weight_expl=1e7, weight_output=1e2),
+    "auto": dict(schedule="auto", iterations=500, budget=DEFAULT_BUDGET, weight_output=1.0),
+    "gradient": dict(_PAPER, iterations=1500, lr=1e-3 * PIXEL_SCALE),
+    "integrated_gradients": dict(_PAPER, iterations=500, lr=5e-3 * PIXEL_SCALE),
+    "lrp": dict(_PAPER, iterations=1500, lr=2e-4 * PIXEL_SCALE),
+    "cifar10": dict(_PAPER, iterations=1500, lr=2e-4 * PIXEL_SCALE, weight_expl=1e7,
+                    weight_output=1e2),
 }
 
 
 @dataclasses.dataclass
 class AttackConfig:
-    """Every knob of the attack; presets fill some, the user may override any."""
+    """Every knob of the attack; presets fill some, the user may override any.
 
-    iterations: int = 1500
-    lr: float = 2e-4 * PIXEL_SCALE
-    weight_expl: float = 1e11
-    weight_output: float = 1e6
+    ``weight_expl=None`` weighs the explanation loss by its ``relative_weight`` times
+    ``weight_output`` (for ``target_map``: the paper's ratio 1e5).
+    """
+
+    iterations: int = 500
+    schedule: str = "auto"
+    lr: float = None
+    initial_step: float = None
+    budget: Budget = DEFAULT_BUDGET
+    loss: str = "target_map"
+    weight_expl: float = None
+    weight_output: float = 1.0
     weight_relevance: float = 0.0
     output: str = "softmax"
     beta_start: float = 10.0
     beta_end: float = 100.0
     preserve_total_relevance: bool = False
-    linf: float = None
     eval_every: int = 10
     patience: int = None
 
     def check(self):
-        """Raise ManipBenchError for values that cannot work."""
-        if self.iterations < 1:
-            raise ManipBenchError("iterations must be at least 1")
-        if not self.lr > 0:
-            raise ManipBenchError("lr must be positive")
+        """Normalise the budget and raise ManipBenchError for values that cannot work."""
+        self.budget = Budget.parse(self.budget)
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ManipBenchError(f"iterations must be a whole number >= 1, got {self.iterations!r}")
+        if self.schedule not in schedules.SCHEDULES:
+            raise ManipBenchError(f"unknown schedule {self.schedule!r}; use "
+                                  f"{' or '.join(schedules.SCHEDULES)}")
+        if self.schedule == "adam" and not (self.lr is not None and self.lr > 0):
+            raise ManipBenchError("the adam schedule needs a positive lr")
+        if self.schedule == "auto" and self.lr is not None:
+            raise ManipBenchError("lr sets the paper's fixed-rate Adam (preset 'paper' or "
+                                  "schedule 'adam'); the auto schedule ties its steps to the "
+                                  "budget (initial_step: a fraction of it)")
         if self.output not in ("softmax", "logits"):
             raise ManipBenchError(f"output must be 'softmax' or 'logits', got {self.output!r}")
-        if self.linf is not None and not self.linf > 0:
-            raise ManipBenchError("linf budget must be positive (pixel units, e.g. 8/255)")
         if min(self.beta_start, self.beta_end) <= 0:
             raise ManipBenchError("beta_start and beta_end must be positive")
+        if not losses.get_class(self.loss).explanation:
+            raise ManipBenchError(f"{self.loss!r} is a constraint, not an attack objective; "
+                                  f"use one of {', '.join(losses.available(True))}")
+
+    def build_losses(self):
+        """The loss objects this configuration adds up (explanation, output, relevance)."""
+        cls = losses.get_class(self.loss)
+        weight = self.weight_expl if self.weight_expl is not None else \
+            cls.relative_weight * self.weight_output
+        parts = [losses.create(self.loss, weight=weight),
+                 losses.OutputPreservation(self.weight_output, self.output)]
+        if self.weight_relevance:
+            parts.append(losses.TotalRelevance(self.weight_relevance))
+        return parts
+
+    def make_schedule(self):
+        """A fresh step rule for one run."""
+        return schedules.create(self.schedule, lr=self.lr, initial_step=self.initial_step)
+
+    def to_json(self):
+        return {**dataclasses.asdict(self), "budget": self.budget.to_json()}
 
 
-def make_config(preset, **overrides):
-    """An :class:`AttackConfig` from a preset name plus overrides (``None`` values ignored)."""
+def make_config(preset=DEFAULT_PRESET, **overrides):
+    """An :class:`AttackConfig` from a preset name plus overrides (``None`` values ignored).
+
+    ``linf=eps`` is shorthand for ``budget="linf:eps"``.
+    """
     if preset not in PRESETS:
-        raise ManipBenchError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+        raise ManipBenchError(f"unknown preset {preset!r}; available: paper, {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "linf" in overrides:
+        if "budget" in overrides:
+            raise ManipBenchError("give either budget or linf, not both")
+        overrides["budget"] = Budget("linf", overrides.pop("linf"))
     fields = {f.name for f in dataclasses.fields(AttackConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ManipBenchError(f"unknown attack option(s) {', '.join(unknown)}; "
-                              f"available: {', '.join(sorted(fields))}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+                              f"available: {', '.join(sorted(fields | {'linf'}))}")
+    values = {**PRESETS[preset], **overrides}
+    if values.get("loss", "target_map") != "target_map" and "weight_expl" not in overrides:
+        values.pop("weight_expl", None)  # the presets' weights are for the target-map loss
     config = AttackConfig(**values)
     config.check()
     return config
@@ -83,7 +137,11 @@ def make_config(preset, **overrides):
 
 @dataclasses.dataclass
 class AttackResult:
-    """What an attack returns: the manipulated images, maps, per-sample metrics and history."""
+    """What an attack returns: the manipulated images, maps, per-sample metrics and history.
+
+    ``target_map`` is ``None`` for an untargeted attack; ``budget``, ``losses`` and
+    ``schedule`` say how the result was made (plain data, as written to results files).
+    """
 
     attributor: str
     x: torch.Tensor
@@ -97,25 +155,36 @@ class AttackResult:
     config: AttackConfig
     iterations: int
     seconds: float
+    budget: Budget = None
+    losses: list = None
+    schedule: dict = None
 
     def summary(self):
         """Median of every metric over the batch (``class_kept``: the fraction kept)."""
         return metrics.summarize(self.metrics)
 
+    def describe(self):
+        """``budget``, ``losses`` and ``schedule`` as plain data (for results files)."""
+        return {"budget": self.budget.to_json(), "losses": self.losses, "schedule": self.schedule}
+
 
 @dataclasses.dataclass
 class AttackState:
-    """One attack run between steps (:meth:`ManipulationAttack.start` makes it)."""
+    """One attack run between steps (:meth:`ManipulationAttack.start` makes it).
+
+    ``best_x`` / ``best_loss``: per image, the lowest loss seen with the class kept,
+    judged on the network the user explains.
+    """
 
     x: torch.Tensor
     x_adv: torch.Tensor
-    optimizer: torch.optim.Optimizer
-    original_output: torch.Tensor
-    original_map: torch.Tensor
+    schedule: object
     original_class: torch.Tensor
-    #: (target map, reference output, total relevance of x): what the loss compares with
-    reference: tuple
+    reference: losses.Reference
+    best_x: torch.Tensor
+    best_loss: torch.Tensor
     step: int = 0
+    last_improvement: int = 0
 
 
 @dataclasses.dataclass
@@ -130,7 +199,7 @@ class StepResult:
 
 
 class ManipulationAttack:
-    """Targeted manipulation of an explanation, for any registry attributor.
+    """Manipulation of an explanation (targeted or not), for any registry attributor.
 
     Parameters
     ----------
@@ -139,19 +208,23 @@ class ManipulationAttack:
     attributor : str or Attributor
         A registry name (``manip_bench.attributors.available()``) or an attributor instance.
     preset : str
-        ``"paper"`` (the attributor's own preset), or a key of :data:`PRESETS`.
+        ``"auto"`` (default: budget-tied self-tuning steps, L-inf 8/255), ``"paper"`` (the
+        attributor's own preset from the paper: fixed-rate Adam, no budget unless given),
+        or a key of :data:`PRESETS`.
     smooth_beta : float, optional
         Attack (and judge) the beta-smoothed explanation instead: the paper's defence.
     attributor_options : dict, optional
         Options for ``attributors.create`` (e.g. ``{"steps": 30}``).
+    losses : list of manip_bench.losses.Loss, optional
+        Replace the configured losses (``loss``, the weights) with your own objects.
     progress : bool or rich.progress.Progress
         Show a progress bar (or add a task to a running ``Progress``).
     **overrides
-        Any :class:`AttackConfig` field.
+        Any :class:`AttackConfig` field (``budget="8/255"``, ``iterations``, ``loss``...).
     """
 
-    def __init__(self, model, attributor, preset="paper", smooth_beta=None,
-                 attributor_options=None, progress=False, **overrides):
+    def __init__(self, model, attributor, preset=DEFAULT_PRESET, smooth_beta=None,
+                 attributor_options=None, losses=None, progress=False, **overrides):
         if isinstance(attributor, attributors.Attributor):
             self.explain = attributor
         else:
@@ -165,6 +238,9 @@ class ManipulationAttack:
             preset = self.explain.preset
         self.preset = preset
         self.config = make_config(preset, **overrides)
+        self.budget = self.config.budget
+        self.losses = list(losses) if losses is not None else self.config.build_losses()
+        self._check_losses()
         self.eval_beta = self.explain.smooth_beta
         self.grows_beta = self.explain.needs_softplus and self.eval_beta is None
         self.progress = progress
@@ -175,6 +251,18 @@ class ManipulationAttack:
             raise ManipBenchError(f"{attributor.name} cannot be attacked: "
                                   f"{attributor.not_attackable_reason}")
 
+    def _check_losses(self):
+        if not self.losses or not all(isinstance(loss, losses.Loss) for loss in self.losses):
+            raise ManipBenchError("losses must be a non-empty list of manip_bench.losses.Loss")
+        if not any(loss.explanation for loss in self.losses):
+            raise ManipBenchError(f"no loss moves the explanation; add one of "
+                                  f"{', '.join(losses.available(True))}")
+
+    @property
+    def targeted(self):
+        """Whether a loss steers toward a target map (which the attack then needs)."""
+        return any(loss.needs_target for loss in self.losses)
+
     def beta(self, step):
         """Softplus beta at ``step``: geometric growth beta_start -> beta_end, or fixed."""
         if not self.grows_beta:
@@ -184,9 +272,6 @@ class ManipulationAttack:
 
     def heatmap(self, relevance):
         return heatmaps.heatmap(relevance, signed=self.config.preserve_total_relevance)
-
-    def _output(self, logits):
-        return logits.softmax(1) if self.config.output == "softmax" else logits
 
     def evaluate(self, x, target_class=None):
         """Output, relevance and heatmap on the network the user explains (no double backprop)."""
@@ -201,120 +286,131 @@ class ManipulationAttack:
         """Heatmaps of ``x_target`` for each image's own top-1 class (the paper's target maps)."""
         return self.evaluate(_check_images(x_target, self.explain.device))[2]
 
-    def _loss_terms(self, output, relevance, reference):
-        """Per-sample loss terms (means over pixels / output entries)."""
-        target_map, target_output, total = reference
-        terms = {
-            "expl": (self.heatmap(relevance) - target_map).square().flatten(1).mean(1),
-            "output": (self._output(output) - target_output).square().mean(1),
-        }
-        if self.config.weight_relevance:
-            terms["relevance"] = (attributors.total_relevance(relevance) - total).square()
-        return terms
+    def _terms(self, output, relevance, reference):
+        """Per-sample weighted loss terms, by loss name."""
+        current = losses.Explanation(output, relevance, self.heatmap(relevance))
+        return {loss.name: loss(current, reference) for loss in self.losses}
 
-    def _weighted(self, terms):
-        c = self.config
-        weights = {"expl": c.weight_expl, "output": c.weight_output,
-                   "relevance": c.weight_relevance}
-        return sum(weights[key] * value for key, value in terms.items())
-
-    def _judge(self, x_adv, original_class, reference):
+    def _judge(self, x_adv, state):
         """Loss on the user's network, and whether the class is kept."""
-        output, relevance, _ = self.evaluate(x_adv, original_class)
-        loss = self._weighted(self._loss_terms(output, relevance, reference))
-        return loss, output.argmax(1) == original_class
+        output, relevance, _ = self.evaluate(x_adv, state.original_class)
+        loss = sum(self._terms(output, relevance, state.reference).values())
+        return loss, output.argmax(1) == state.original_class
 
-    def start(self, x, target_map):
-        """Set up an attack of images ``x`` (N, 3, H, W) in [0, 1] toward ``target_map`` (N, H, W).
+    def _keep_best(self, state, x_adv, loss, kept):
+        """Copy images whose loss improved with the class kept into ``state.best_x``."""
+        with torch.no_grad():
+            better = kept & (loss.detach() < state.best_loss)
+            if better.any():
+                state.best_loss[better] = loss.detach()[better]
+                state.best_x[better] = x_adv.detach()[better]
+                state.last_improvement = state.step
+
+    def _reference(self, x, target_map):
+        output, relevance, original_map = self.evaluate(x)
+        target = None
+        if self.targeted:
+            if target_map is None:
+                raise ManipBenchError(
+                    "this attack steers toward a target map: pass target_map, or use an "
+                    f"untargeted loss ({', '.join(n for n in losses.available(True) if not losses.get_class(n).needs_target)})")
+            target = heatmaps.prepare_target(target_map.to(x.device), x.shape[0], x.shape[2:])
+            if self.config.preserve_total_relevance:
+                target = heatmaps.rescale_total(target, original_map)
+        elif target_map is not None:
+            raise ManipBenchError(f"the losses {', '.join(l.name for l in self.losses)} are "
+                                  f"untargeted: they take no target map (pass target_map=None)")
+        return losses.Reference(output, relevance, original_map, target)
+
+    def start(self, x, target_map=None):
+        """Set up an attack of images ``x`` (N, 3, H, W) in [0, 1] (toward ``target_map`` (N, H, W)).
 
         Returns the :class:`AttackState` that :meth:`step` advances; :meth:`__call__` is
-        ``start``, ``iterations`` steps with best-so-far bookkeeping, and the final judging.
+        ``start``, ``iterations`` steps, and the final judging of the best images.
         """
         x = _check_images(x, self.explain.device)
-        original_output, relevance, original_map = self.evaluate(x)
-        target = heatmaps.prepare_target(target_map.to(x.device), x.shape[0], x.shape[2:])
-        if self.config.preserve_total_relevance:
-            target = heatmaps.rescale_total(target, original_map)
-        reference = (target, self._output(original_output), attributors.total_relevance(relevance))
+        self.budget.check_image_size(x)
+        reference = self._reference(x, target_map)
         x_adv = x.clone().requires_grad_()
-        return AttackState(x=x, x_adv=x_adv, optimizer=torch.optim.Adam([x_adv], lr=self.config.lr),
-                           original_output=original_output, original_map=original_map,
-                           original_class=original_output.argmax(1), reference=reference)
+        steps = self.config.make_schedule()
+        steps.start(x_adv, self.budget, self.config.iterations)
+        state = AttackState(x=x, x_adv=x_adv, schedule=steps,
+                            original_class=reference.output.argmax(1), reference=reference,
+                            best_x=x.clone(), best_loss=None)
+        state.best_loss = self._judge(x, state)[0]
+        return state
 
     def step(self, state):
-        """One iteration: explain ``x_adv`` (at this step's beta), loss, Adam step, projection.
+        """One iteration: explain ``x_adv`` (at this step's beta), loss, step, projection.
 
-        Returns a :class:`StepResult` for ``x_adv`` as it was before the update.
+        Keeps the best image so far in ``state`` and lets the schedule adapt. Returns a
+        :class:`StepResult` for ``x_adv`` as it was before the update.
         """
-        c = self.config
         beta = self.beta(state.step)
         self.explain.set_beta(beta)
         x_adv = state.x_adv
         output, relevance = self.explain(x_adv, state.original_class)
-        terms = self._loss_terms(output, relevance, state.reference)
-        loss = self._weighted(terms)
+        terms = self._terms(output, relevance, state.reference)
+        loss = sum(terms.values())
         if state.step == 0:
-            self._check_derivative(terms["expl"], x_adv)
+            self._check_derivative(terms, x_adv)
+        (gradient,) = torch.autograd.grad(loss.sum(), x_adv)
         x_before = x_adv.detach().clone()
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        state.optimizer.step()
-        with torch.no_grad():
-            if c.linf is not None:
-                x_adv.copy_(torch.minimum(torch.maximum(x_adv, state.x - c.linf), state.x + c.linf))
-            x_adv.clamp_(0, 1)
+        if not self.grows_beta:  # the attacked network is the judged one
+            self._keep_best(state, x_before, loss, output.argmax(1) == state.original_class)
+        state.schedule.update(x_adv, gradient, loss)
+        self.budget.project(x_adv, state.x)
         state.step += 1
+        if self.grows_beta and (state.step % self.config.eval_every == 0
+                                or state.schedule.is_checkpoint(state.step)):
+            self._keep_best(state, x_adv, *self._judge(x_adv, state))
+        state.schedule.checkpoint(state.step, x_adv, state.best_x, state.best_loss)
         return StepResult(x=x_before, output=output.detach(), loss=loss.detach(),
                           terms={key: value.detach() for key, value in terms.items()}, beta=beta)
 
-    def __call__(self, x, target_map):
-        """Attack images ``x`` (N, 3, H, W) in [0, 1] toward ``target_map`` (N, H, W)."""
+    def __call__(self, x, target_map=None):
+        """Attack images ``x`` (N, 3, H, W) in [0, 1] (toward ``target_map`` (N, H, W))."""
         start = time.perf_counter()
         c = self.config
         state = self.start(x, target_map)
-        x, original_class, reference = state.x, state.original_class, state.reference
-        best_x = x.clone()
-        best_loss, _ = self._judge(x, original_class, reference)
-        history = {"loss": [], "expl": [], "output": [], "relevance": [], "beta": []}
-        last_improvement = 0
+        history = {"loss": [], "beta": [], **{loss.name: [] for loss in self.losses}}
         with _progress_bar(self.progress, self.name, c.iterations) as advance:
             try:
                 while state.step < c.iterations:
                     result = self.step(state)
-                    step = state.step - 1
-                    if not self.grows_beta:  # the attacked network is the judged one
-                        kept = result.output.argmax(1) == original_class
-                        last_improvement = _keep_best(best_x, best_loss, result.x, result.loss,
-                                                      kept, step, last_improvement)
-                    elif state.step % c.eval_every == 0:
-                        judged, kept = self._judge(state.x_adv, original_class, reference)
-                        last_improvement = _keep_best(best_x, best_loss, state.x_adv, judged, kept,
-                                                      step, last_improvement)
                     _record(history, result)
-                    advance(loss=history["loss"][-1], expl=history["expl"][-1])
-                    if c.patience is not None and step - last_improvement >= c.patience:
+                    advance(loss=history["loss"][-1])
+                    if c.patience is not None and state.step - 1 - state.last_improvement >= c.patience:
                         break
             finally:
                 self.explain.set_beta(self.eval_beta)
-        judged, kept = self._judge(state.x_adv, original_class, reference)
-        _keep_best(best_x, best_loss, state.x_adv, judged, kept, state.step, last_improvement)
+        self._keep_best(state, state.x_adv, *self._judge(state.x_adv, state))
+        return self._result(state, history, time.perf_counter() - start)
 
-        output_adv, _, adversarial_map = self.evaluate(best_x, original_class)
-        target, original_map, original_output = reference[0], state.original_map, state.original_output
+    def _result(self, state, history, seconds):
+        reference, best_x = state.reference, state.best_x
+        output_adv, _, adversarial_map = self.evaluate(best_x, state.original_class)
         per_sample = {
-            **metrics.prefixed("expl_target", metrics.map_similarity(adversarial_map, target)),
-            **metrics.prefixed("expl_original", metrics.map_similarity(adversarial_map, original_map)),
-            **metrics.prefixed("input", metrics.image_similarity(best_x, x)),
-            **metrics.output_similarity(output_adv, original_output),
+            **metrics.prefixed("expl_original", metrics.map_similarity(adversarial_map,
+                                                                       reference.heatmap)),
+            **metrics.prefixed("input", metrics.image_similarity(best_x, state.x)),
+            "input_budget_used": (self.budget.size(best_x - state.x) / self.budget.eps).tolist()
+            if self.budget.bounded else [math.nan] * len(best_x),
+            **metrics.output_similarity(output_adv, reference.output),
         }
+        if reference.target_map is not None:
+            per_sample = {**metrics.prefixed("expl_target", metrics.map_similarity(
+                adversarial_map, reference.target_map)), **per_sample}
         return AttackResult(
-            attributor=self.name, x=x, x_adv=best_x, target_map=target, original_map=original_map,
-            adversarial_map=adversarial_map, original_class=original_class, metrics=per_sample,
-            history=history, config=c, iterations=state.step,
-            seconds=time.perf_counter() - start)
+            attributor=self.name, x=state.x, x_adv=best_x, target_map=reference.target_map,
+            original_map=reference.heatmap, adversarial_map=adversarial_map,
+            original_class=state.original_class, metrics=per_sample, history=history,
+            config=self.config, iterations=state.step, seconds=seconds, budget=self.budget,
+            losses=[loss.to_json() for loss in self.losses], schedule=state.schedule.to_json())
 
-    def _check_derivative(self, expl_terms, x_adv):
-        (gradient,) = torch.autograd.grad(expl_terms.sum(), x_adv, retain_graph=True,
+    def _check_derivative(self, terms, x_adv):
+        moving = sum(value for loss, value in zip(self.losses, terms.values()) if loss.explanation)
+        (gradient,) = torch.autograd.grad(moving.sum(), x_adv, retain_graph=True,
                                           allow_unused=True)
         if gradient is None or not gradient.abs().sum() > 0:
             raise ManipBenchError(
@@ -323,28 +419,18 @@ class ManipulationAttack:
                 "use nn.ReLU modules)")
 
 
-def _keep_best(best_x, best_loss, x_adv, loss, kept, step, last_improvement):
-    """Copy samples whose loss improved with the class kept into ``best_x`` (in place)."""
-    with torch.no_grad():
-        better = kept & (loss.detach() < best_loss)
-        if better.any():
-            best_loss[better] = loss.detach()[better]
-            best_x[better] = x_adv.detach()[better]
-            return step
-    return last_improvement
-
-
 def _record(history, result):
     history["loss"].append(result.loss.mean().item())
-    for key in ("expl", "output", "relevance"):
-        value = result.terms.get(key)
-        history[key].append(value.mean().item() if value is not None else 0.0)
+    for key, value in result.terms.items():
+        history[key].append(value.mean().item())
     history["beta"].append(result.beta)
 
 
 def _check_images(x, device):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ManipBenchError("images must be a float tensor of shape (N, C, H, W)")
+    if not torch.isfinite(x).all():
+        raise ManipBenchError("images contain NaN or infinite values")
     if x.min() < 0 or x.max() > 1:
         raise ManipBenchError("images must be in [0, 1] (the models normalise inside)")
     return x.detach().to(device)
@@ -358,9 +444,9 @@ def _progress_bar(progress, name, total):
         return
     own = not isinstance(progress, Progress)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.3g}  expl {task.fields[expl]:.3g}"),
+                   TextColumn("loss {task.fields[loss]:.3g}"),
                    TimeRemainingColumn(), transient=False) if own else progress
-    task = bar.add_task(name, total=total, loss=math.nan, expl=math.nan)
+    task = bar.add_task(name, total=total, loss=math.nan)
     with (bar if own else contextlib.nullcontext()):
         try:
             yield lambda **stats: bar.update(task, advance=1, **stats)

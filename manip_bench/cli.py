@@ -8,9 +8,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import attributors, bench, experiment, models, patterns, robustness
-from .attack import PRESETS
+from . import attributors, bench, experiment, losses, models, patterns, robustness
+from .attack import DEFAULT_PRESET, PRESETS, make_config
 from .errors import ManipBenchError
+from .threat import DEFAULT_BUDGET, format_value
 
 console = Console()
 error_console = Console(stderr=True)
@@ -26,10 +27,7 @@ def _run_parser(sub):
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-image", help="image whose explanation is the target")
     target.add_argument("--target-map", help="grayscale image used directly as the target heatmap")
-    p.add_argument("--preset", default="paper", help=f"paper | {' | '.join(PRESETS)}")
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--lr", type=float, help="Adam step in [0,1] pixel units")
-    p.add_argument("--linf", type=float, help="optional L-inf budget in pixel units")
+    _attack_arguments(p)
     p.add_argument("--beta", type=float, dest="smooth_beta",
                    help="attack the beta-smoothed explanation (softplus(beta) network)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -39,21 +37,72 @@ def _run_parser(sub):
     p.set_defaults(func=cmd_run)
 
 
+def _attack_arguments(p):
+    """Options of the attack itself, shared by run, bench and smooth."""
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"auto (default: budget-tied self-tuning steps) | paper (the method's "
+                        f"preset from the paper, no budget unless given) | "
+                        f"{' | '.join(k for k in PRESETS if k != 'auto')}")
+    p.add_argument("--budget", help=f"threat model: 8/255 (L-inf), linf:8/255, l2:0.5 or none "
+                                    f"(default: {DEFAULT_BUDGET} for auto, none for paper presets)")
+    p.add_argument("--linf", help="shorthand for --budget linf:VALUE")
+    p.add_argument("--loss", help=f"what the attack does to the explanation: "
+                                  f"{' | '.join(losses.available(True))} (default target_map)")
+    p.add_argument("--iterations", type=int, help="attack steps (default: the preset's)")
+    p.add_argument("--lr", type=float, help="fixed Adam step in [0,1] pixel units (paper presets)")
+
+
+def _attack_overrides(args):
+    return dict(iterations=args.iterations, lr=args.lr, linf=args.linf, budget=args.budget,
+                loss=args.loss)
+
+
 def cmd_run(args):
     result, out = experiment.run(
         attributor=args.attributor, model=args.model, weights=args.weights, image=args.image,
         target_image=args.target_image, target_map=args.target_map, preset=args.preset,
         device=args.device, seed=args.seed, out=args.out, threads=args.threads, progress=True,
-        smooth_beta=args.smooth_beta, iterations=args.iterations, lr=args.lr, linf=args.linf)
-    table = Table(title=f"{result.attributor} on {args.model}: {result.iterations} iterations, "
-                        f"{result.seconds:.1f} s")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in experiment.CONTRACT_METRICS:
-        value = result.metrics[key][0]
-        table.add_row(key, str(value) if isinstance(value, bool) else f"{value:.4g}")
-    console.print(table)
-    console.print(f"results written to [bold]{out}[/bold]")
+        smooth_beta=args.smooth_beta, **_attack_overrides(args))
+    console.print(run_table(result, out, args.model))
+    console.print(read_result(result), highlight=False)
+    console.print(f"results written to [bold]{escape(str(out))}[/bold]")
+
+
+def run_table(result, out, model):
+    """What one run did: image, target, class and probability, budget, time, metrics."""
+    record = experiment.read_record(out)
+    m = {key: values[0] for key, values in result.metrics.items()}
+    table = Table(title=f"{result.attributor} on {model}", title_justify="left")
+    table.add_column("", style="bold", no_wrap=True)
+    table.add_column("")
+    target = record.get("target_image") or record.get("target_map") or "none (untargeted)"
+    table.add_row("image → target", f"{record['image']} → {target}")
+    table.add_row("class", f"{record['original_class']}: p = {m['prob_before']:.3f} before, "
+                           f"{m['prob_after']:.3f} after ({'kept' if m['class_kept'] else 'CHANGED'})")
+    used = "" if not result.budget.bounded else f", used {m['input_budget_used']:.0%}"
+    table.add_row("budget", f"{result.budget.label()}{used}; L∞ change {m['input_linf'] * 255:.1f}/255")
+    table.add_row("attack", f"{record['preset']} preset, {result.schedule['name']} schedule, "
+                            f"{result.iterations} iterations, {result.seconds:.1f} s, "
+                            f"{record['threads']} thread(s) on {record['device']}")
+    for key in experiment.CONTRACT_METRICS + ("expl_original_topk",):
+        if key in m:
+            value = m[key]
+            table.add_row(key, str(value) if isinstance(value, bool) else f"{value:.4g}")
+    return table
+
+
+def read_result(result, index=0):
+    """One sentence that reads a result for a person."""
+    m = {key: values[index] for key, values in result.metrics.items()}
+    if "expl_target_pcc" in m:
+        moved = f"the explanation now matches the target map with PCC {m['expl_target_pcc']:.2f}"
+    else:
+        moved = (f"{m['expl_original_topk']:.0%} of the explanation's top pixels are still on top "
+                 f"(centre of mass moved {m['expl_original_com_shift']:.1f} px)")
+    change = f"the image changed by at most {format_value(round(m['input_linf'] * 255) / 255)}" \
+        if m["input_linf"] > 0 else "the image did not change"
+    return (f"{moved}; {change} (input SSIM {m['input_ssim']:.3f}); "
+            f"{'class kept' if m['class_kept'] else 'the class changed'}.")
 
 
 def _list_parser(sub):
@@ -76,12 +125,16 @@ def cmd_list(args):
     for row in models.describe():
         table.add_row(row["name"], str(row["input_size"]), str(row["classes"]), row["source"])
     console.print(table)
-    table = Table(title="presets (lr in [0,1] pixel units)")
-    for column in ("name", "iterations", "lr", "weight_expl", "weight_output"):
+    table = Table(title="attack presets (auto: the default; paper: each method's own preset)")
+    for column in ("name", "schedule", "budget", "iterations", "lr (pixel units)",
+                   "weight_expl", "weight_output"):
         table.add_column(column)
-    for name, values in PRESETS.items():
-        table.add_row(name, *(f"{values[key]:g}" for key in
-                              ("iterations", "lr", "weight_expl", "weight_output")))
+    for name in PRESETS:
+        config = make_config(name)
+        table.add_row(name, config.schedule, config.budget.label(), str(config.iterations),
+                      "–" if config.lr is None else f"{config.lr:g}",
+                      "relative" if config.weight_expl is None else f"{config.weight_expl:g}",
+                      f"{config.weight_output:g}")
     console.print(table)
 
 
@@ -96,10 +149,7 @@ def _grid_arguments(p, attributors_default, what):
                         "original,target (the original is attacked toward the target's map)")
     p.add_argument("--n", type=int, default=20, help="number of pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=10, help="pairs attacked together")
-    p.add_argument("--preset", default="paper", help=f"paper | {' | '.join(PRESETS)}")
-    p.add_argument("--iterations", type=int, help="override the preset's iterations")
-    p.add_argument("--lr", type=float, help="override the preset's Adam step ([0,1] pixel units)")
-    p.add_argument("--linf", type=float, help="L-inf budget in pixel units (e.g. 0.0314 = 8/255)")
+    _attack_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
     p.add_argument("--seed", type=int, default=0, help="pair sampling and noise seed")
@@ -112,12 +162,15 @@ def _grid_arguments(p, attributors_default, what):
 def _bench_parser(sub):
     p = sub.add_parser("bench", help="attack a grid of attributors x models x image pairs")
     _grid_arguments(p, "all", "methods")
+    p.add_argument("--budgets", help="several budgets, comma-separated (e.g. 1/255,2/255,4/255,"
+                                     "8/255,16/255): every method at every budget, for "
+                                     "manipulability curves")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args):
     grid = bench.make_grid(args.attributors, args.models, args.pairs, args.n, args.seed,
-                           args.preset, iterations=args.iterations, lr=args.lr, linf=args.linf)
+                           args.preset, budgets=args.budgets, **_attack_overrides(args))
     _run_grid(grid, args)
 
 
@@ -136,7 +189,7 @@ def _smooth_parser(sub):
 def cmd_smooth(args):
     grid = bench.make_sweep(args.attributors, args.betas, args.stdevs, args.models, args.pairs,
                             args.n, args.seed, args.preset, samples=args.samples,
-                            iterations=args.iterations, lr=args.lr, linf=args.linf)
+                            **_attack_overrides(args))
     _run_grid(grid, args)
 
 
@@ -181,9 +234,10 @@ def _check_parser(sub):
     p.add_argument("--n", type=int, default=8,
                    help="number of images drawn (default 8; all if fewer)")
     p.add_argument("--iterations", type=int, default=robustness.DEFAULT_ITERATIONS)
-    p.add_argument("--linf", type=float, default=robustness.DEFAULT_LINF,
-                   help="L-inf budget in [0,1] pixel units (default 8/255)")
-    p.add_argument("--lr", type=float, help="Adam step in pixel units (default linf/16)")
+    p.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help="threat model: 8/255 (L-inf, [0,1] pixel units), l2:0.5 or none")
+    p.add_argument("--lr", type=float, help="use the paper's fixed-rate Adam with this step "
+                                            "(default: the self-tuning schedule)")
     p.add_argument("--beta", type=float, dest="smooth_beta",
                    help="also assess the beta-smoothed explanation (softplus(beta) network)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -198,7 +252,7 @@ def cmd_check(args):
     experiment.pick_threads(device, models.input_size(args.model), args.threads)
     report = robustness.check_folder(
         args.images, args.model, args.weights, args.method, args.n, args.seed, device,
-        iterations=args.iterations, linf=args.linf, lr=args.lr, smooth_beta=args.smooth_beta,
+        iterations=args.iterations, budget=args.budget, lr=args.lr, smooth_beta=args.smooth_beta,
         progress=True)
     console.print(report)
     if args.json:

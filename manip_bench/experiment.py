@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import __version__, data, models
-from .attack import ManipulationAttack
+from .attack import DEFAULT_PRESET, ManipulationAttack
 from .errors import ManipBenchError
 from .figures import overview_figure
 
@@ -67,6 +67,11 @@ def versions():
             "zennit": getattr(zennit, "__version__", "0.5.1"), "python": platform.python_version()}
 
 
+def read_record(out):
+    """The ``result.json`` of a run folder, as a dict."""
+    return json.loads((Path(out) / "result.json").read_text())
+
+
 def default_out_dir(root="manip-out"):
     """A new, unused folder under ``root`` named by the time."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -77,12 +82,13 @@ def default_out_dir(root="manip-out"):
 
 
 def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image=None,
-        target_image=None, target_map=None, preset="paper", device="auto", seed=0, out=None,
-        threads=None, progress=False, smooth_beta=None, **overrides):
-    """Attack one image's explanation toward a target and write the results to ``out``.
+        target_image=None, target_map=None, preset=DEFAULT_PRESET, device="auto", seed=0,
+        out=None, threads=None, progress=False, smooth_beta=None, **overrides):
+    """Attack one image's explanation (toward a target) and write the results to ``out``.
 
     The target is the explanation of ``target_image`` (default: a bundled photo) or, with
-    ``target_map``, any grayscale image used as the heatmap. Files are written to a
+    ``target_map``, any grayscale image used as the heatmap; an untargeted loss
+    (``loss="topk"``, ``"center_of_mass"``) takes neither. Files are written to a
     temporary folder first and moved into place at the end, so a failed or interrupted
     run leaves nothing half-written. Returns ``(AttackResult, output folder)``.
     """
@@ -97,7 +103,12 @@ def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image
         x = data.load_image(image or data.DEFAULT_IMAGE, size)[None].to(device)
         attack = ManipulationAttack(net, attributor, preset=preset, smooth_beta=smooth_beta,
                                     progress=progress, **overrides)
-        if target_map is not None:
+        if not attack.targeted:
+            if target_map is not None or target_image is not None:
+                raise ManipBenchError(f"loss {attack.config.loss!r} is untargeted: give no "
+                                      f"target image or target map")
+            target, target_x, target_source = None, None, None
+        elif target_map is not None:
             target, target_x = data.load_target_map(target_map, size)[None].to(device), None
             target_source = str(target_map)
         else:
@@ -114,10 +125,10 @@ def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image
             "attributor": result.attributor, "model": model, "weights": str(weights),
             "image": str(image or data.DEFAULT_IMAGE),
             ("target_map" if target_map is not None else "target_image"): target_source,
-            "preset": attack.preset, "config": vars(result.config), "smooth_beta": smooth_beta,
-            "iterations": result.iterations, "seconds": round(result.seconds, 3),
-            "device": str(device), "threads": threads, "seed": seed,
-            "original_class": classes[int(result.original_class[0])],
+            "preset": attack.preset, "config": result.config.to_json(), **result.describe(),
+            "smooth_beta": smooth_beta, "iterations": result.iterations,
+            "seconds": round(result.seconds, 3), "device": str(device), "threads": threads,
+            "seed": seed, "original_class": classes[int(result.original_class[0])],
             "metrics": {key: values[0] for key, values in result.metrics.items()},
             "versions": versions(),
         }

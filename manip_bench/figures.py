@@ -30,21 +30,27 @@ def overview_figure(result, path, index=0, target_image=None):
     else:
         axes[0, 2].axis("off")
     _map(axes[1, 0], result.original_map[index], "original explanation")
-    _map(axes[1, 1], result.adversarial_map[index],
-         f"manipulated explanation (PCC {summary['expl_target_pcc']:.3f})")
-    _map(axes[1, 2], result.target_map[index], "target explanation")
+    if result.target_map is not None:
+        _map(axes[1, 1], result.adversarial_map[index],
+             f"manipulated explanation (PCC {summary['expl_target_pcc']:.3f})")
+        _map(axes[1, 2], result.target_map[index], "target explanation")
+    else:
+        _map(axes[1, 1], result.adversarial_map[index],
+             f"manipulated explanation (top-k kept {summary['expl_original_topk']:.2f})")
+        axes[1, 2].axis("off")
     axes[0, 3].axis("off")
     axes[0, 3].text(0, 0.5, "\n".join([
         result.attributor,
         f"iterations: {result.iterations}",
         f"class kept: {summary['class_kept']}",
-        f"L-inf: {summary['input_linf']:.3f}",
+        f"budget: {result.budget.label()}",
+        f"L-inf: {summary['input_linf'] * 255:.1f}/255",
         f"output MSE: {summary['output_mse']:.2e}",
     ]), fontsize=9, va="center")
     ax = axes[1, 3]
-    for key in ("loss", "expl", "output"):
-        if any(result.history[key]):
-            ax.semilogy(result.history[key], label=key)
+    for key, values in result.history.items():
+        if key != "beta" and any(values):
+            ax.semilogy([abs(v) for v in values], label=key)
     ax.set_xlabel("iteration")
     ax.set_title("loss (batch mean, attacked network)", fontsize=9)
     ax.legend(fontsize=8)

@@ -53,15 +53,30 @@ def top_k_intersection(a, b, fraction=0.05):
     return len(top_a & top_b) / k
 
 
+def center_of_mass(a):
+    """(row, column) centre of mass of a non-negative 2-D map, in pixels (NaN for a zero map)."""
+    total = a.sum()
+    if not total > 0:
+        return np.array([math.nan, math.nan])
+    rows, columns = np.indices(a.shape)
+    return np.array([(a * rows).sum(), (a * columns).sum()]) / total
+
+
 def map_similarity(maps, reference, top_k_fraction=0.05):
-    """Per-sample MSE, SSIM, PCC, top-k intersection and Spearman between (N, H, W) heatmaps."""
-    result = {"mse": [], "ssim": [], "pcc": [], "topk": [], "spearman": []}
+    """Per-sample similarity of (N, H, W) heatmaps to reference maps.
+
+    MSE, SSIM, PCC, Spearman rank correlation, top-k intersection (Ghorbani et al.) and
+    ``com_shift``, the distance between the two maps' centres of mass in pixels.
+    """
+    result = {"mse": [], "ssim": [], "pcc": [], "topk": [], "spearman": [], "com_shift": []}
     for a, b in zip(_numpy(maps), _numpy(reference)):
         result["mse"].append(float(np.mean((a - b) ** 2)))
         result["ssim"].append(ssim(a, b))
         result["pcc"].append(pcc(a, b))
         result["topk"].append(top_k_intersection(a, b, top_k_fraction))
         result["spearman"].append(spearman(a, b))
+        result["com_shift"].append(float(np.linalg.norm(center_of_mass(np.abs(a))
+                                                        - center_of_mass(np.abs(b)))))
     return result
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from manip_bench import ManipBenchError, attributors, data, metrics, models
+from manip_bench import schedule
 from manip_bench.attack import PRESETS, ManipulationAttack, make_config
 
 
@@ -23,8 +24,9 @@ def initial_pcc(result):
 
 
 @pytest.mark.parametrize("name, options", [
-    ("zennit.epsilon_plus_flat", dict(iterations=120, lr=1e-3)),
-    ("captum.saliency", dict(iterations=120, lr=2e-3)),
+    ("zennit.epsilon_plus_flat", dict(iterations=120)),
+    ("captum.saliency", dict(iterations=120)),
+    ("captum.saliency", dict(preset="paper", iterations=120, lr=2e-3)),
 ])
 def test_attack_moves_explanation_to_target_and_keeps_class(name, options, model, pair):
     x, x_target = pair
@@ -34,7 +36,8 @@ def test_attack_moves_explanation_to_target_and_keeps_class(name, options, model
     for b, a in zip(before, after):
         assert a > b + 0.25, (before, after)
     assert all(result.metrics["class_kept"])
-    assert max(result.metrics["input_linf"]) < 0.35
+    budget = 8 / 255 if options.get("preset") != "paper" else 0.35
+    assert max(result.metrics["input_linf"]) <= budget + 1e-6
     assert min(result.metrics["input_ssim"]) > 0.5
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     # the reported map is the one an unsuspecting user computes on the ReLU network
@@ -44,27 +47,61 @@ def test_attack_moves_explanation_to_target_and_keeps_class(name, options, model
 
 
 def test_samples_in_a_batch_are_independent(model, pair):
+    """Per-image losses, steps and step-size decisions (8 steps: one checkpoint, at step 5).
+
+    Longer runs drift apart by rounding alone: batched convolutions round differently, and
+    the attack's dynamics amplify 1e-6 differences within ~10 steps of size 4/255.
+    """
     x, x_target = pair
-    attack = ManipulationAttack(model, "zennit.epsilon_plus_flat", iterations=15, lr=1e-3)
+    attack = ManipulationAttack(model, "zennit.epsilon_plus_flat", iterations=8)
+    assert attack.config.make_schedule() and schedule.checkpoints(8) == [5]
     targets = attack.target_maps(x_target)
     both = attack(x, targets).x_adv
     alone = attack(x[:1], targets[:1]).x_adv
     assert torch.allclose(both[:1], alone, atol=1e-5)
 
 
-def test_linf_budget_is_respected(model, pair):
+@pytest.mark.parametrize("preset, budget", [("paper", "linf:2/255"), ("auto", "2/255"),
+                                             ("auto", "l2:0.3"), ("paper", "l2:0.3")])
+def test_budget_is_respected_and_recorded(model, pair, preset, budget):
     x, x_target = pair
-    attack = ManipulationAttack(model, "captum.saliency", iterations=20, lr=1e-2, linf=2 / 255)
+    options = dict(lr=1e-2) if preset == "paper" else {}
+    attack = ManipulationAttack(model, "captum.saliency", preset=preset, iterations=20,
+                                budget=budget, **options)
     result = attack(x, attack.target_maps(x_target))
-    assert (result.x_adv - x).abs().max() <= 2 / 255 + 1e-6
+    delta = (result.x_adv - x).flatten(1)
+    if budget.startswith("l2"):
+        assert delta.norm(dim=1).max() <= 0.3 + 1e-5
+    else:
+        assert delta.abs().max() <= 2 / 255 + 1e-6
+    assert delta.abs().max() > 0  # it did move
+    assert result.describe()["budget"] == attack.budget.to_json()
+    assert result.describe()["schedule"]["name"] == ("adam" if preset == "paper" else "auto")
 
 
-def test_best_so_far_never_worse_than_start(model, pair):
-    """With an absurd step size the last iterate is garbage; the kept one is not."""
+def test_paper_preset_is_unbounded_and_auto_is_8_of_255(model):
+    assert ManipulationAttack(model, "captum.saliency", preset="paper").budget.norm == "none"
+    auto = ManipulationAttack(model, "captum.saliency")
+    assert (auto.budget.norm, auto.budget.eps) == ("linf", pytest.approx(8 / 255))
+
+
+def test_best_so_far_is_kept_when_the_last_iterate_is_garbage(model, pair):
+    """With an absurd step size the last iterates flip the class; the kept image does not."""
     x, x_target = pair
-    attack = ManipulationAttack(model, "zennit.epsilon_plus_flat", iterations=10, lr=0.5)
-    result = attack(x, attack.target_maps(x_target))
+    attack = ManipulationAttack(model, "zennit.epsilon_plus_flat", preset="paper",
+                                iterations=10, lr=0.5)
+    target_map = attack.target_maps(x_target)
+    state = attack.start(x, target_map)
+    for _ in range(10):
+        attack.step(state)
+    last_kept = attack.evaluate(state.x_adv, state.original_class)[0].argmax(1) == \
+        state.original_class
+    assert not last_kept.all()  # the last iterate is garbage for at least one image
+    result = attack(x, target_map)
     assert all(result.metrics["class_kept"])
+    assert not torch.equal(result.x_adv, x)  # and the kept image is not the start
+    judged, _ = attack._judge(result.x_adv, state)
+    assert (judged <= attack._judge(x, state)[0]).all()
 
 
 def test_beta_schedule_is_the_papers():
@@ -88,7 +125,8 @@ def test_total_relevance_preservation_rescales_target(model, pair):
                                 preserve_total_relevance=True, weight_relevance=1.0)
     result = attack(x, attack.target_maps(x_target).abs())
     assert torch.allclose(result.target_map.sum((1, 2)), result.original_map.sum((1, 2)), rtol=1e-4)
-    assert len(result.history["relevance"]) == 3
+    assert len(result.history["total_relevance"]) == 3
+    assert [loss["name"] for loss in result.losses] == ["target_map", "output", "total_relevance"]
 
 
 def test_presets_and_overrides():
@@ -102,6 +140,52 @@ def test_presets_and_overrides():
         make_config("lrp", iteration=3)
     with pytest.raises(ManipBenchError, match="iterations must be"):
         make_config("lrp", iterations=0)
+    assert make_config().schedule == "auto" and make_config().budget.eps == pytest.approx(8 / 255)
+    assert make_config(linf="4/255").budget.eps == pytest.approx(4 / 255)
+    assert make_config("lrp", budget="8/255").budget.norm == "linf"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(budget="-1/255"), ">= 0"),
+    (dict(budget="eight"), "number or a fraction"),
+    (dict(budget="2"), "exceeds the image range"),
+    (dict(budget="l3:0.1"), "unknown budget norm"),
+    (dict(loss="nonsense"), "unknown loss"),
+    (dict(loss="output"), "not an attack objective"),
+    (dict(lr=1e-3), "auto schedule ties its steps"),
+    (dict(schedule="sgd"), "unknown schedule"),
+    (dict(budget="8/255", linf=0.1), "either budget or linf"),
+])
+def test_bad_attack_options_are_clear_errors(overrides, message):
+    with pytest.raises(ManipBenchError, match=message):
+        make_config(**overrides)
+
+
+def test_untargeted_and_targeted_losses_check_the_target_map(model, pair):
+    x, x_target = pair
+    untargeted = ManipulationAttack(model, "captum.saliency", iterations=2, loss="topk")
+    with pytest.raises(ManipBenchError, match="take no target map"):
+        untargeted(x, torch.rand(2, 32, 32))
+    targeted = ManipulationAttack(model, "captum.saliency", iterations=2)
+    with pytest.raises(ManipBenchError, match="pass target_map"):
+        targeted(x)
+    with pytest.raises(ManipBenchError, match="L2 budget"):
+        ManipulationAttack(model, "captum.saliency", iterations=2, budget="l2:100")(x, None)
+
+
+def test_untargeted_topk_attack_beats_random_noise(model, pair):
+    """Ghorbani et al.'s top-k attack: far fewer of the top pixels survive than under noise."""
+    x, _ = pair
+    attack = ManipulationAttack(model, "captum.saliency", iterations=60, loss="topk")
+    result = attack(x)
+    assert result.target_map is None and "expl_target_pcc" not in result.metrics
+    torch.manual_seed(0)
+    noisy = (x + (8 / 255) * torch.randn_like(x).sign()).clamp(0, 1)
+    noise_map = attack.evaluate(noisy)[2]
+    noise_topk = metrics.map_similarity(noise_map, result.original_map)["topk"]
+    for attacked, noise in zip(result.metrics["expl_original_topk"], noise_topk):
+        assert attacked < noise - 0.2, (attacked, noise)
+    assert all(result.metrics["class_kept"])
 
 
 @pytest.mark.parametrize("name", ["captum.deconvolution", "captum.deeplift"])
@@ -161,8 +245,9 @@ def test_model_unchanged_after_interrupted_attack(model, pair):
 def test_attack_accepts_an_attributor_instance(model, pair):
     x, x_target = pair
     explain = attributors.create("captum.integrated_gradients", model, steps=4)
+    assert ManipulationAttack(model, explain, preset="paper").preset == "integrated_gradients"
     attack = ManipulationAttack(model, explain, iterations=2)
-    assert attack.preset == "integrated_gradients"
+    assert attack.preset == "auto"
     assert attack(x, attack.target_maps(x_target)).iterations == 2
 
 
@@ -170,7 +255,7 @@ def test_attack_accepts_an_attributor_instance(model, pair):
 def test_start_and_step_are_the_loop(name, model, pair):
     """The public start/step pair does what one attack run does, step by step."""
     x, x_target = pair
-    attack = ManipulationAttack(model, name, iterations=4, lr=1e-3, linf=0.02)
+    attack = ManipulationAttack(model, name, iterations=4, linf=0.02)
     target_map = attack.target_maps(x_target)
     result = attack(x, target_map)
     state = attack.start(x, target_map)
@@ -180,3 +265,4 @@ def test_start_and_step_are_the_loop(name, model, pair):
     assert [s.beta for s in steps] == result.history["beta"]
     assert torch.equal(steps[0].x, x) and not torch.equal(state.x_adv, x)
     assert (state.x_adv - x).abs().max() <= 0.02 + 1e-6
+    assert torch.equal(state.best_x, result.x_adv) or state.step == 4

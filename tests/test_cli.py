@@ -24,6 +24,36 @@ def test_run_writes_a_valid_result(tmp_path):
     assert isinstance(result["metrics"]["class_kept"], bool)
     assert {p.name for p in out.iterdir()} == {"result.json", "overview.png", "manipulated.png",
                                              "manipulated.pt"}
+    assert result["budget"] == {"norm": "linf", "eps": 8 / 255}
+    assert result["schedule"]["name"] == "auto" and result["preset"] == "auto"
+    assert [loss["name"] for loss in result["losses"]] == ["target_map", "output"]
+
+
+def test_run_says_what_it_did(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("run", "--iterations", "3", "--budget", "4/255", "--out", str(out)) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    result = json.loads((out / "result.json").read_text())
+    for text in ("chelsea → coffee", f"{result['original_class']}: p = ", "L∞ 4/255",
+                 "auto preset", "3 iterations", "the explanation now matches the target map "
+                 "with PCC", "the image changed by at most", "class kept"):
+        assert text in printed, text
+    assert result["budget"]["eps"] == pytest.approx(4 / 255)
+    assert result["metrics"]["input_linf"] <= 4 / 255 + 1e-6
+
+
+def test_untargeted_run_and_the_paper_preset(tmp_path, capsys):
+    out = tmp_path / "topk"
+    assert run_cli("run", "--attributor", "captum.saliency", "--loss", "topk", "--iterations",
+                   "3", "--out", str(out)) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "top pixels are still on top" in printed and "none (untargeted)" in printed
+    assert "expl_target_pcc" not in json.loads((out / "result.json").read_text())["metrics"]
+    paper = tmp_path / "paper"
+    assert run_cli("run", "--preset", "paper", "--iterations", "3", "--out", str(paper)) == 0
+    result = json.loads((paper / "result.json").read_text())
+    assert result["budget"] == {"norm": "none", "eps": None} and result["preset"] == "lrp"
+    assert result["schedule"] == {"name": "adam", "lr": pytest.approx(5e-5)}
 
 
 def test_run_leaves_the_callers_random_stream_alone(tmp_path):
@@ -51,7 +81,13 @@ def test_run_with_a_target_map_and_a_gradient_method(tmp_path):
     (["--model", "vgg17"], "unknown model"),
     (["--attributor", "zennit.epsilom"], "Did you mean 'zennit.epsilon'"),
     (["--attributor", "captum.deconvolution"], "cannot be attacked"),
-    (["--iterations", "0"], "iterations must be at least 1"),
+    (["--iterations", "0"], "iterations must be a whole number >= 1"),
+    (["--budget=-1/255"], ">= 0"),
+    (["--budget", "x/255"], "number or a fraction"),
+    (["--budget", "300/255"], "exceeds the image range"),
+    (["--loss", "center_of_mas"], "Did you mean 'center_of_mass'"),
+    (["--loss", "topk", "--target-image", "coffee"], "untargeted"),
+    (["--lr", "0.01"], "auto schedule ties its steps"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, capsys):
     out = tmp_path / "run"

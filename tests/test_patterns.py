@@ -349,7 +349,7 @@ def test_short_attack_moves_the_map_toward_the_target():
     model = models.load("cifar_vgg")
     x = torch.stack([data.load_image(name, 32) for name in ("chelsea", "astronaut")])
     x_target = torch.stack([data.load_image(name, 32) for name in ("coffee", "rocket")])
-    attack = ManipulationAttack(model, NAME, iterations=40, lr=2e-3)
+    attack = ManipulationAttack(model, NAME, iterations=40)
     result = attack(x, attack.target_maps(x_target))
     before = metrics.map_similarity(result.original_map, result.target_map)["pcc"]
     after = result.metrics["expl_target_pcc"]

@@ -327,5 +327,21 @@ def test_cli_check(tmp_path, capsys):
     assert "manipulability" in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["method"] == "captum.saliency" and 0 <= record["score"] <= 1
+    assert record["budget"]["budget"] == {"norm": "linf", "eps": 8 / 255}
+    assert record["budget"]["schedule"]["name"] == "auto" and record["budget"]["iterations"] == 2
     assert cli.main(["check", str(tmp_path / "images"), "--method", "captum.deeplift"]) == 2
     assert "cannot be assessed" in capsys.readouterr().err
+    assert cli.main(["check", str(tmp_path / "images"), "--budget=-2/255"]) == 2
+    assert ">= 0" in capsys.readouterr().err
+
+
+def test_check_records_other_budgets_and_the_paper_schedule(cifar):
+    model, x = cifar
+    report = check_robustness("captum.saliency", x, model=model, iterations=3, budget="l2:0.25")
+    assert report.budget["budget"] == {"norm": "l2", "eps": 0.25}
+    assert max(report.result.metrics["input_l2"]) <= 0.25 + 1e-5
+    assert "L2 0.25" in str(report)
+    legacy = check_robustness("captum.saliency", x, model=model, iterations=3, linf=4 / 255,
+                              lr=1e-3)
+    assert legacy.budget["budget"]["eps"] == pytest.approx(4 / 255)
+    assert legacy.budget["schedule"] == {"name": "adam", "lr": 1e-3}

@@ -23,6 +23,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from .. import attributors, data, models
 from ..attack import ManipulationAttack, make_config
 from ..errors import ManipBenchError
+from ..threat import Budget
 from ..experiment import pick_device, pick_threads, private_random_state, versions
 from .results import ResultsWriter, read_results, results_name, row_key
 
@@ -34,19 +35,24 @@ EXAMPLES_DIR = "examples"
 
 @dataclasses.dataclass
 class Method:
-    """One attributor setting: registry name, optional smoothing beta, options for ``create``."""
+    """One attributor setting: registry name, optional smoothing beta, options for ``create``,
+    and the threat model it is attacked under (``budget``, a :class:`~manip_bench.threat.Budget`
+    as plain data; ``None`` in rows written before budgets were recorded)."""
 
     attributor: str
     smooth_beta: float = None
     options: dict = dataclasses.field(default_factory=dict)
+    budget: dict = None
 
-    def label(self):
-        """Short text for tables and figures, e.g. ``captum.saliency β=5``."""
+    def label(self, budget=False):
+        """Short text for tables and figures, e.g. ``captum.saliency β=5`` (``L∞ 4/255``)."""
         parts = [self.attributor]
         if self.smooth_beta is not None:
             parts.append(f"β={self.smooth_beta:g}")
         parts += [f"{'σ' if key == 'stdev' else key}={_short(value)}"
                   for key, value in sorted(self.options.items())]
+        if budget and self.budget is not None:
+            parts.append(Budget.parse(self.budget).label())
         return " ".join(parts)
 
     def cell_id(self, model):
@@ -55,16 +61,20 @@ class Method:
         if self.smooth_beta is not None:
             parts.append(f"beta{self.smooth_beta:g}")
         parts += [f"{key}{_short(value)}" for key, value in sorted(self.options.items())]
+        if self.budget is not None:
+            budget = Budget.parse(self.budget)
+            parts.append(budget.norm + (f"{budget.eps * 255:.4g}" if budget.bounded else ""))
         return "__".join(_slug(part) for part in parts)
 
     def to_json(self):
         return {"attributor": self.attributor, "smooth_beta": self.smooth_beta,
-                "options": dict(self.options)}
+                "options": dict(self.options), "budget": self.budget}
 
 
 def method_of(row):
     """The :class:`Method` a result row belongs to."""
-    return Method(row["attributor"], row.get("smooth_beta"), row.get("options") or {})
+    return Method(row["attributor"], row.get("smooth_beta"), row.get("options") or {},
+                  row.get("budget"))
 
 
 def _short(value):
@@ -171,7 +181,7 @@ def sample_pairs(source=BUNDLED, n=None, seed=0):
 
 
 def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, seed=0,
-              preset="paper", attributor_options=None, **overrides):
+              preset="auto", attributor_options=None, budgets=None, **overrides):
     """A checked :class:`Grid` of ``attributors`` (names or groups) x ``models`` x ``n`` pairs.
 
     Parameters
@@ -184,9 +194,14 @@ def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, see
         ``"bundled"``, a folder / ImageFolder tree of images, or a CSV with columns
         ``original,target``; ``n`` pairs are drawn with ``seed`` (CSV: the first ``n`` rows).
     preset : str
-        ``"paper"`` (each method's own preset) or a key of ``manip_bench.attack.PRESETS``.
+        ``"auto"`` (default: budget-tied self-tuning attack), ``"paper"`` (each method's own
+        preset) or a key of ``manip_bench.attack.PRESETS``.
     attributor_options : dict, optional
         ``{registry name: {option: value}}`` passed to ``attributors.create``.
+    budgets : str or list, optional
+        Several threat models (``"1/255,2/255,4/255"``, or a list of budgets): every method
+        is attacked under each (manipulability curves). Default: the preset's budget or
+        ``budget=`` among the overrides.
     **overrides
         :class:`~manip_bench.attack.AttackConfig` fields for every cell (``iterations``, ``lr``...).
     """
@@ -196,21 +211,48 @@ def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, see
     if unknown:
         raise ManipBenchError(f"attributor_options given for {', '.join(unknown)}, which the "
                               f"grid does not include")
-    methods = [Method(name, None, dict(attributor_options.get(name, {}))) for name in names]
+    if budgets is not None:
+        if overrides.get("budget") is not None or overrides.get("linf") is not None:
+            raise ManipBenchError("give either budgets or one budget, not both")
+        budgets = parse_budgets(budgets)
+    else:
+        budgets = [None]
+    methods = [Method(name, None, dict(attributor_options.get(name, {})), budget)
+               for name in names for budget in budgets]
     return build_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
 
 
-def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="paper", overrides=None,
+def parse_budgets(budgets):
+    """Budgets from a list or comma-separated text, as plain data (see :class:`Budget`)."""
+    if isinstance(budgets, str):
+        budgets = [b for b in budgets.split(",") if b.strip()]
+    parsed = [Budget.parse(b).to_json() for b in budgets]
+    if not parsed:
+        raise ManipBenchError("budgets: give at least one, e.g. 1/255,2/255,4/255,8/255")
+    return list({json.dumps(b, sort_keys=True): b for b in parsed}.values())
+
+
+def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="auto", overrides=None,
                kind="bench"):
-    """A checked :class:`Grid` of explicit :class:`Method` objects (see :func:`make_grid`)."""
+    """A checked :class:`Grid` of explicit :class:`Method` objects (see :func:`make_grid`).
+
+    Each method's budget (``None``: the preset's, or ``budget=``/``linf=`` among the
+    overrides) is resolved here and stored on the method, so every row records it.
+    """
     overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    default_budget = {key: overrides.pop(key) for key in ("budget", "linf") if key in overrides}
+    resolved = []
     for method in methods:
         unknown = sorted(set(method.options) - set(attributors.options(method.attributor)))
         if unknown:
             raise ManipBenchError(f"{method.attributor} does not take option(s) "
                                   f"{', '.join(unknown)}")
-        make_config(attributors.get_class(method.attributor).preset if preset == "paper"
-                    else preset, **overrides)  # unknown preset / bad values fail now, not later
+        method_preset = attributors.get_class(method.attributor).preset \
+            if preset == "paper" else preset
+        budget = {"budget": method.budget} if method.budget is not None else default_budget
+        config = make_config(method_preset, **overrides, **budget)  # bad values fail now
+        resolved.append(dataclasses.replace(method, budget=config.budget.to_json()))
+    methods = resolved
     return Grid(methods=list(methods), models=_model_list(model_specs),
                 pairs=[tuple(map(str, p)) for p in sample_pairs(pairs, n, seed)],
                 pair_source=str(pairs), preset=preset, overrides=overrides, seed=seed, kind=kind)
@@ -373,7 +415,8 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
             attack = ManipulationAttack(net, method.attributor, preset=grid.preset,
                                         smooth_beta=method.smooth_beta,
                                         attributor_options=method.options,
-                                        progress=bar or False, **grid.overrides)
+                                        progress=bar or False, budget=method.budget,
+                                        **grid.overrides)
             cell = bar.add_task(f"{method.label()} on {model}", total=len(todo)) if bar else None
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
@@ -392,8 +435,7 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
 
 
 def _key(method, model, pair):
-    return row_key({"attributor": method.attributor, "model": model,
-                    "smooth_beta": method.smooth_beta, "options": method.options, "pair": pair})
+    return row_key({**method.to_json(), "model": model, "pair": pair})
 
 
 def _synchronize(device):
@@ -427,7 +469,8 @@ def _attack_batch(attack, grid, model, method, batch, size, device, out):
         rows.append({
             "attributor": method.attributor, "model": model, "pair": index,
             "original": pairs[j][0], "target": pairs[j][1], "smooth_beta": method.smooth_beta,
-            "options": method.options, "preset": attack.preset, "iterations": result.iterations,
+            "options": method.options, "budget": method.budget, "losses": result.losses,
+            "schedule": result.schedule, "preset": attack.preset, "iterations": result.iterations,
             "seconds": result.seconds / len(batch), "explain_seconds": explain_seconds,
             "batch": len(batch), "device": str(device),
             "original_class": int(result.original_class[j]),
@@ -446,7 +489,8 @@ def _save_example(out, cell_id, result, j, x_target, method, model, pair):
 
     example = {
         "attributor": method.attributor, "model": model, "smooth_beta": method.smooth_beta,
-        "options": dict(method.options), "label": method.label(), "pair": 0,
+        "options": dict(method.options), "budget": method.budget, "label": method.label(True),
+        "pair": 0,
         "original": pair[0], "target": pair[1],
         "x": half(result.x), "x_adv": half(result.x_adv), "x_target": half(x_target),
         "original_map": half(result.original_map), "adversarial_map": half(result.adversarial_map),
@@ -469,6 +513,6 @@ def load_examples(out):
 
 
 __all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir",
-           "load_examples", "make_grid", "make_progress", "method_of", "parse_model",
-           "parse_shard", "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs",
+           "load_examples", "make_grid", "make_progress", "method_of", "parse_budgets",
+           "parse_model", "parse_shard", "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs",
            "shard_from_env", "shard_pairs"]

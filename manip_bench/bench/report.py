@@ -5,6 +5,7 @@ over shards) and the example tensors in ``examples/``. ``config.json`` is only r
 tell a β sweep from a plain grid.
 """
 import csv
+import dataclasses
 import json
 import math
 import warnings
@@ -20,6 +21,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from ..errors import ManipBenchError  # noqa: E402
+from ..threat import Budget, format_value  # noqa: E402
 from .grid import CONFIG_NAME, load_examples, method_of  # noqa: E402
 from .results import cell_key, read_results  # noqa: E402
 
@@ -64,12 +66,15 @@ def summarize(rows):
     ``seconds`` (the attack) and ``explain_seconds`` (one explanation), medians.
     """
     summary = []
-    for group in group_cells(rows).values():
+    cells = group_cells(rows)
+    budgets = {json.dumps(row.get("budget"), sort_keys=True) for row in rows}
+    for group in cells.values():
         first = group[0]
         entry = {"attributor": first["attributor"], "model": first["model"],
                  "smooth_beta": first.get("smooth_beta"),
                  "options": json.dumps(first.get("options") or {}, sort_keys=True),
-                 "label": method_of(first).label(), "n": len(group),
+                 "budget": _budget_text(first.get("budget")),
+                 "label": method_of(first).label(budget=len(budgets) > 1), "n": len(group),
                  "iterations": int(np.median([row["iterations"] for row in group])),
                  "seconds": float(np.median([row["seconds"] for row in group])),
                  "explain_seconds": float(np.median([row.get("explain_seconds", math.nan)
@@ -83,6 +88,14 @@ def summarize(rows):
             entry[f"{key}_median"], entry[f"{key}_p10"], entry[f"{key}_p90"] = _stats(values)
         summary.append(entry)
     return summary
+
+
+def _budget_text(budget):
+    """``linf:8/255``-style text of a row's budget (``unrecorded`` for old rows)."""
+    if budget is None:
+        return "unrecorded"
+    budget = Budget.parse(budget)
+    return budget.norm if not budget.bounded else f"{budget.norm}:{format_value(budget.eps)}"
 
 
 def write_csv(entries, path):
@@ -216,6 +229,104 @@ def _example_key(example):
                      "smooth_beta": example["smooth_beta"], "options": example["options"]})
 
 
+# ---- manipulability curves (several budgets) ---------------------------------------------------
+
+
+#: the curve's metric: median target PCC (targeted attacks) or 1 - top-k intersection
+CURVE_METRICS = ("expl_target_pcc", "expl_original_topk")
+
+
+def curves(rows):
+    """``{(model, method label): [(eps, entry)]}`` for methods attacked under several budgets.
+
+    Only bounded budgets of one norm form a curve; ``entry`` holds ``eps``, ``n`` and the
+    curve metric's median / 10th / 90th percentile (clipped to [0, 1]; class flips count 0).
+    """
+    series = OrderedDict()
+    for group in group_cells(rows).values():
+        budget = group[0].get("budget")
+        if budget is None or not Budget.parse(budget).bounded:
+            continue
+        method = dataclasses.replace(method_of(group[0]), budget=None)
+        key = (group[0]["model"], f"{method.label()} ({Budget.parse(budget).norm})")
+        series.setdefault(key, []).append(_curve_point(group, Budget.parse(budget).eps))
+    return {key: sorted(points, key=lambda p: p["eps"]) for key, points in series.items()
+            if len(points) > 1}
+
+
+def _curve_point(group, eps):
+    """One budget's point: the manipulability per pair, summarised."""
+    targeted = CURVE_METRICS[0] in group[0]["metrics"]
+    values = _values(group, CURVE_METRICS[0]) if targeted else 1 - _values(group, CURVE_METRICS[1])
+    kept = _values(group, "class_kept")
+    values = np.where(kept > 0, np.clip(np.nan_to_num(values, nan=0.0), 0, 1), 0.0)
+    median, p10, p90 = _stats(values)
+    return {"eps": eps, "n": len(group), "metric": "target PCC" if targeted else "1 - top-k",
+            "median": median, "p10": p10, "p90": p90}
+
+
+def manipulability_score(points):
+    """Normalised area under the median curve over log budget (one value in [0, 1])."""
+    x = np.log2([p["eps"] for p in points])
+    y = np.array([p["median"] for p in points])
+    return float(np.trapezoid(y, x) / (x[-1] - x[0]))
+
+
+def curve_entries(series):
+    """Flat rows for ``curves.csv``: model, method, budget, metric, median, percentiles, score."""
+    return [{"model": model, "method": method, "budget": format_value(p["eps"]),
+             "eps": p["eps"], **{k: p[k] for k in ("n", "metric", "median", "p10", "p90")},
+             "score": manipulability_score(points)}
+            for (model, method), points in series.items() for p in points]
+
+
+def curve_table(series):
+    """Methods ranked by manipulability score, with the median at each budget."""
+    budgets = sorted({p["eps"] for points in series.values() for p in points})
+    table = Table(title="manipulability: normalised area under the median curve over log "
+                        "budget (0 robust, 1 fully manipulable)")
+    table.add_column("method", no_wrap=True)
+    table.add_column("model")
+    table.add_column("score", justify="right", style="bold")
+    for eps in budgets:
+        table.add_column(format_value(eps), justify="right")
+    ranked = sorted(series.items(), key=lambda item: -manipulability_score(item[1]))
+    for (model, method), points in ranked:
+        by_eps = {p["eps"]: p["median"] for p in points}
+        table.add_row(method, model, f"{manipulability_score(points):.3f}",
+                      *(_fmt(by_eps.get(eps)) for eps in budgets))
+    return table
+
+
+def curve_figure(series, path):
+    """Median manipulability vs budget, one line per method (10–90 % band), per model."""
+    by_model = OrderedDict()
+    for (model, method), points in series.items():
+        by_model.setdefault(model, []).append((method, points))
+    fig, axes = plt.subplots(1, len(by_model), squeeze=False,
+                             figsize=(6.5 * len(by_model), 4.5))
+    for ax, (model, lines) in zip(axes[0], by_model.items()):
+        for method, points in sorted(lines, key=lambda m: -manipulability_score(m[1])):
+            xs = [p["eps"] * 255 for p in points]
+            line, = ax.plot(xs, [p["median"] for p in points], "o-",
+                            label=f"{method} ({manipulability_score(points):.2f})")
+            ax.fill_between(xs, [p["p10"] for p in points], [p["p90"] for p in points],
+                            color=line.get_color(), alpha=0.08)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p["eps"] * 255 for _, points in lines for p in points})
+        ax.set_xticks(ticks, [f"{t:g}/255" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("budget (L∞ or L2, [0, 1] pixel units)")
+        ax.set_ylabel(f"median {lines[0][1][0]['metric']} (class flips: 0)")
+        ax.set_title(f"{model}: manipulability vs budget (score = normalised AUC)", fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 # ---- the β sweep (paper Fig. 4) -------------------------------------------------------------
 
 
@@ -347,6 +458,15 @@ def report(out, console=None, figures=True):
             files += box_plots(rows, out)
             files += example_grids(out, order=list(group_cells(rows)))
     result = {"summary": summary, "files": files}
+    series = curves(rows)
+    if series:
+        files.append(write_csv(curve_entries(series), out / "curves.csv"))
+        if figures:
+            files.append(curve_figure(series, out / "curves.png"))
+        if console is not None:
+            _print(console, curve_table(series))
+        result["curves"] = {f"{model} | {method}": manipulability_score(points)
+                            for (model, method), points in series.items()}
     if is_sweep(out, rows):
         entries = sweep_summary(summary)
         files.append(write_csv(entries, out / "smooth.csv"))
@@ -361,6 +481,7 @@ def report(out, console=None, figures=True):
     return result
 
 
-__all__ = ["BOX_METRICS", "TABLE_METRICS", "box_plots", "example_grids", "group_cells", "is_sweep",
-           "report", "summarize", "summary_table", "sweep_figure", "sweep_summary", "sweep_table",
+__all__ = ["BOX_METRICS", "TABLE_METRICS", "box_plots", "curve_entries", "curve_figure",
+           "curve_table", "curves", "example_grids", "group_cells", "is_sweep",
+           "manipulability_score", "report", "summarize", "summary_table", "sweep_figure", "sweep_summary", "sweep_table",
            "write_csv"]

@@ -19,9 +19,11 @@ RESULTS_GLOB = "results*.jsonl"
 #: ``seconds`` is the attack's wall time per image (batch time / ``batch``),
 #: ``explain_seconds`` one explanation's; ``metrics`` holds every per-sample value of
 #: ``AttackResult.metrics`` (``None`` where a metric is undefined, e.g. PCC of a flat map)
+#: ``budget`` is the threat model (``{"norm", "eps"}``), ``losses`` and ``schedule`` say
+#: how the attack was run (rows written before these were recorded lack all three).
 ROW_FIELDS = ("attributor", "model", "pair", "original", "target", "smooth_beta", "options",
-              "preset", "iterations", "seconds", "explain_seconds", "batch", "device",
-              "original_class", "metrics")
+              "budget", "losses", "schedule", "preset", "iterations", "seconds",
+              "explain_seconds", "batch", "device", "original_class", "metrics")
 
 
 def results_name(shard=None):
@@ -36,10 +38,15 @@ def options_key(options):
     return json.dumps(options or {}, sort_keys=True)
 
 
+def budget_key(budget):
+    """Canonical text of a budget dict (``None`` for rows that predate budgets)."""
+    return None if budget is None else json.dumps(budget, sort_keys=True)
+
+
 def cell_key(row):
-    """What identifies a cell: attributor, model, smoothing beta and attributor options."""
+    """What identifies a cell: attributor, model, smoothing beta, attributor options, budget."""
     return (row["attributor"], row["model"], row.get("smooth_beta"),
-            options_key(row.get("options")))
+            options_key(row.get("options")), budget_key(row.get("budget")))
 
 
 def row_key(row):
@@ -166,9 +173,11 @@ def read_results(folder):
 
 def _sort_key(row):
     beta = row.get("smooth_beta")
+    budget = row.get("budget") or {}
     return (row["model"], row["attributor"], beta is not None, beta or 0.0,
-            options_key(row.get("options")), row["pair"])
+            options_key(row.get("options")), budget.get("norm") or "", budget.get("eps") or 0.0,
+            row["pair"])
 
 
-__all__ = ["RESULTS_GLOB", "ROW_FIELDS", "ResultsWriter", "cell_key", "options_key", "read_results",
+__all__ = ["RESULTS_GLOB", "ROW_FIELDS", "ResultsWriter", "budget_key", "cell_key", "options_key", "read_results",
            "read_rows", "repair", "results_files", "results_name", "row_key"]

@@ -64,7 +64,7 @@ def sweep_methods(attributors=("captum.saliency",), betas=DEFAULT_BETAS, stdevs=
 
 
 def make_sweep(attributors=("captum.saliency",), betas=DEFAULT_BETAS, stdevs=DEFAULT_STDEVS,
-               models=("cifar_vgg",), pairs=BUNDLED, n=20, seed=0, preset="paper",
+               models=("cifar_vgg",), pairs=BUNDLED, n=20, seed=0, preset="auto",
                samples=SMOOTHGRAD_SAMPLES, relu=True, **overrides):
     """A :class:`~manip_bench.bench.grid.Grid` (kind ``smooth``) for the β sweep.
 

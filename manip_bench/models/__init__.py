@@ -2,13 +2,15 @@
 
 Every model returned by :func:`load` is in eval mode, takes images in [0, 1] of shape
 ``(N, 3, H, W)`` and normalises them itself. Torchvision models are wrapped as
-``Sequential(normalize=Normalize(...), net=<torchvision model>)``; the embedded
-:class:`~manip_bench.models.cifar_vgg.CifarVGG` carries its own ``normalize``.
+``Sequential(normalize=Normalize(...), net=<torchvision model>)``; the embedded models
+(:data:`EMBEDDED_MODELS`: :class:`~manip_bench.models.cifar_vgg.CifarVGG`, batch norm folded
+away, and :class:`~manip_bench.models.cifar_resnet.CifarResNet`, a ResNet-20 with batch norm)
+carry their own ``normalize`` and their weights ship inside the package.
 """
 import difflib
 import os
 import pickle
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,18 +19,37 @@ import torchvision
 from torch import nn
 
 from ..errors import ManipBenchError
+from .cifar_resnet import CifarResNet
 from .cifar_vgg import CIFAR10_CLASSES, CifarVGG, Normalize
 
 DEFAULT_MODEL = "cifar_vgg"
 CIFAR_VGG_WEIGHTS = Path(__file__).with_name("cifar_vgg.pt")
+CIFAR_RESNET_WEIGHTS = Path(__file__).with_name("cifar_resnet.pt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_MODELS = ("alexnet", "densenet121", "resnet18", "vgg16")
 
+EmbeddedModel = namedtuple("EmbeddedModel", "build weights input_size classes dataset train_args")
+EmbeddedModel.__doc__ = """An embedded model: its class, the module attribute naming its weights
+file (looked up on every use, so it can be patched), input side, class names, training data
+and the ``train_cifar`` arguments that retrain it."""
+
+#: name -> facts of each model whose weights ship inside the package
+EMBEDDED_MODELS = {
+    "cifar_vgg": EmbeddedModel(CifarVGG, "CIFAR_VGG_WEIGHTS", 32, CIFAR10_CLASSES, "CIFAR-10", ""),
+    "cifar_resnet": EmbeddedModel(CifarResNet, "CIFAR_RESNET_WEIGHTS", 32, CIFAR10_CLASSES,
+                                  "CIFAR-10", " --arch resnet"),
+}
+
 
 def available():
     """Sorted list of model names."""
-    return sorted((DEFAULT_MODEL, *TORCHVISION_MODELS))
+    return sorted((*EMBEDDED_MODELS, *TORCHVISION_MODELS))
+
+
+def embedded_weights_path(name):
+    """Path of the weights file shipped for embedded model ``name``."""
+    return globals()[EMBEDDED_MODELS[name].weights]
 
 
 def _check_name(name):
@@ -52,13 +73,15 @@ def cached_weights_path(name):
 
 def input_size(name):
     """Side length in pixels of the square images the model is meant for."""
-    return 32 if _check_name(name) == DEFAULT_MODEL else 224
+    if _check_name(name) in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name].input_size
+    return 224
 
 
 def class_names(name):
     """The model's class names, in output order."""
-    if _check_name(name) == DEFAULT_MODEL:
-        return list(CIFAR10_CLASSES)
+    if _check_name(name) in EMBEDDED_MODELS:
+        return list(EMBEDDED_MODELS[name].classes)
     return list(_default_weights(name).meta["categories"])
 
 
@@ -66,8 +89,9 @@ def describe():
     """One row per model: name, input size, number of classes, where its weights come from."""
     rows = []
     for name in available():
-        if name == DEFAULT_MODEL:
-            source = f"embedded ({CIFAR_VGG_WEIGHTS.name}, CIFAR-10)"
+        if name in EMBEDDED_MODELS:
+            weights_file = embedded_weights_path(name).name
+            source = f"embedded ({weights_file}, {EMBEDDED_MODELS[name].dataset})"
         else:
             cached = "cached" if cached_weights_path(name).exists() else "downloads on first use"
             source = f"torchvision {_default_weights(name)} ({cached})"
@@ -84,24 +108,26 @@ def load(name=DEFAULT_MODEL, weights="default", device="cpu"):
     name : str
         One of :func:`available`.
     weights : str or path
-        ``"default"`` (embedded CIFAR weights / torchvision's DEFAULT pretrained weights,
+        ``"default"`` (embedded weights / torchvision's DEFAULT pretrained weights,
         downloaded once into torch hub's cache), ``"random"`` (random init: seed with
         ``torch.manual_seed`` before calling), or a path to a ``state_dict`` file of the
         bare architecture or of the model this function returns.
     device : str or torch.device
     """
     _check_name(name)
-    if weights == "default" and name == DEFAULT_MODEL:
-        if not CIFAR_VGG_WEIGHTS.exists():
+    embedded = EMBEDDED_MODELS.get(name)
+    if weights == "default" and embedded is not None:
+        path = embedded_weights_path(name)
+        if not path.exists():
             raise ManipBenchError(
-                f"embedded weights missing at {CIFAR_VGG_WEIGHTS}; reinstall manip-bench or "
-                f"train them with python -m manip_bench.models.train_cifar")
-        model = CifarVGG()
-        model.load_state_dict(torch.load(CIFAR_VGG_WEIGHTS, weights_only=True, map_location="cpu"))
+                f"embedded weights missing at {path}; reinstall manip-bench or train them "
+                f"with python -m manip_bench.models.train_cifar{embedded.train_args}")
+        model = embedded.build()
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     elif weights == "default":
         model = _wrap(_pretrained(name))
     else:
-        model = CifarVGG() if name == DEFAULT_MODEL else _wrap(torchvision.models.get_model(name))
+        model = embedded.build() if embedded else _wrap(torchvision.models.get_model(name))
         if weights != "random":
             _load_file(model, name, weights)
     return model.to(device).eval()
@@ -169,6 +195,7 @@ def _load_file(model, name, path):
     model.load_state_dict(state)
 
 
-__all__ = ["CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL", "IMAGENET_MEAN", "IMAGENET_STD",
-           "TORCHVISION_MODELS", "available", "cached_weights_path", "class_names", "describe",
+__all__ = ["CIFAR_RESNET_WEIGHTS", "CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL", "EMBEDDED_MODELS",
+           "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_MODELS", "available",
+           "cached_weights_path", "class_names", "describe", "embedded_weights_path",
            "input_size", "load"]

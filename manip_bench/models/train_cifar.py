@@ -1,16 +1,20 @@
-"""Train the embedded CIFAR-10 classifier and save its batch-norm-folded weights.
+"""Train an embedded CIFAR-10 classifier (VGG or ResNet-20) and save its weights.
 
 Usage::
 
     python -m manip_bench.models.train_cifar --data DIR --out cifar_vgg.pt
     python -m manip_bench.models.train_cifar --download DIR --out cifar_vgg.pt
+    python -m manip_bench.models.train_cifar --arch resnet --data DIR --out cifar_resnet.pt
 
 ``--data`` takes an ImageFolder tree ``DIR/{train,test}/<class>/*.jpg`` with the
 ten CIFAR-10 class names; ``--download`` fetches the dataset with torchvision.
 All images are decoded once into a uint8 tensor that stays on the device, and
 augmentation (4-pixel-padded random crop, horizontal flip) runs on tensors.
-``CifarVGG(batch_norm=True)`` is trained, its batch norm folded into the
-convolutions, and only the folded model's float32 ``state_dict`` is saved.
+With ``--arch vgg`` (the default) ``CifarVGG(batch_norm=True)`` is trained, its
+batch norm folded into the convolutions, and only the folded model's float32
+``state_dict`` is saved. With ``--arch resnet`` a ``CifarResNet`` is trained
+(residual branches start as identity) and its plain ``state_dict``, batch norm
+included, is saved. ``--threads`` caps PyTorch's CPU threads.
 """
 import argparse
 import math
@@ -27,7 +31,10 @@ from torch import nn
 
 from manip_bench.errors import ManipBenchError
 from manip_bench.experiment import pick_device
+from manip_bench.models.cifar_resnet import CifarResNet, zero_init_residuals
 from manip_bench.models.cifar_vgg import CIFAR10_CLASSES, CifarVGG, fold_batch_norm
+
+ARCHITECTURES = {"vgg": CifarVGG, "resnet": CifarResNet}
 
 
 def parse_args(argv=None):
@@ -36,7 +43,10 @@ def parse_args(argv=None):
     source.add_argument("--data", help="ImageFolder root holding train/ and test/")
     source.add_argument("--download", metavar="DIR",
                         help="download CIFAR-10 with torchvision into DIR")
-    parser.add_argument("--out", required=True, help="where to save the folded state_dict")
+    parser.add_argument("--out", required=True,
+                        help="where to save the state_dict (batch-norm-folded for vgg)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="vgg",
+                        help="CifarVGG (batch norm folded away) or CifarResNet (batch norm kept)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.1, help="peak one-cycle learning rate")
@@ -49,6 +59,10 @@ def parse_args(argv=None):
                         help="use a random subset of at most this many images per split (smoke tests)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads decoding JPEGs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for CPU training (default: PyTorch's choice)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="train in channels-last memory format (faster convolutions on CPU)")
     return parser.parse_args(argv)
 
 
@@ -192,6 +206,8 @@ def train(model, data, args, device):
         for start in range(0, len(order), args.batch_size):
             index = order[start:start + args.batch_size]
             inputs = to_float(augment(train_images[index]))
+            if args.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             loss = criterion(model(inputs), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,18 +234,22 @@ def fold_and_check(model, test_images, test_labels):
     return folded, folded_acc
 
 
-def save_weights(folded, path):
-    """Save the folded float32 state_dict and check it loads into ``CifarVGG()``."""
-    state = {name: tensor.detach().cpu().float().contiguous()
-             for name, tensor in folded.state_dict().items()}
+def save_weights(model, path, arch="vgg"):
+    """Save the float32 state_dict and check it loads into a fresh model of ``arch``."""
+    state = {name: tensor.detach().cpu().contiguous()
+             for name, tensor in model.state_dict().items()}
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor
+             for name, tensor in state.items()}  # batch norm's int64 step counter stays
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state, path)
-    CifarVGG().load_state_dict(torch.load(path, weights_only=True))
+    ARCHITECTURES[arch]().load_state_dict(torch.load(path, weights_only=True))
     return os.path.getsize(path)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seed_everything(args.seed)
     device = pick_device(args.device)
@@ -238,15 +258,23 @@ def main(argv=None):
           f"loaded in {time.perf_counter() - started:.1f}s", flush=True)
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels) in data.items()}
 
-    model = CifarVGG(batch_norm=True).to(device)
+    if args.arch == "vgg":
+        model = CifarVGG(batch_norm=True).to(device)
+    else:
+        model = zero_init_residuals(CifarResNet()).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_started = time.perf_counter()
     train(model, data, args, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - train_started
 
-    folded, acc = fold_and_check(model, *data["test"])
-    size = save_weights(folded, args.out)
+    if args.arch == "vgg":
+        model, acc = fold_and_check(model, *data["test"])
+    else:
+        acc = accuracy(predict(model, data["test"][0]), data["test"][1])
+    size = save_weights(model, args.out, args.arch)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"final test accuracy {acc:.4f} after {args.epochs} epochs; training {train_seconds:.1f}s, "
           f"total {time.perf_counter() - started:.1f}s on {device} ({device_name}); "

@@ -4,15 +4,15 @@
 Zennit composite plus the model, or a registry name plus the model -- recognises the method
 and its settings (:mod:`.recognise`), maps it onto the matching differentiable adapter of
 :mod:`manip_bench.attributors`, runs the manipulation attack
-(:class:`~manip_bench.attack.ManipulationAttack`) on every input within an L-inf budget
-(:mod:`.check`) and reports the result (:mod:`.report`); :mod:`.quantus` offers the same as
+(:class:`~manip_bench.attack.ManipulationAttack`, its default budget-tied schedule) on
+every input within a budget, L-inf 8/255 by default (:mod:`.check`) and reports the result (:mod:`.report`); :mod:`.quantus` offers the same as
 a Quantus-style metric. This is a worst case, not the random-noise sensitivity of Captum's
 ``sensitivity_max`` or Quantus' ``MaxSensitivity``.
 
 The score
 ---------
-For each assessed input ``i`` the attack returns ``x_adv_i`` with ``|x_adv_i - x_i|_inf <= linf``
-and pixels in [0, 1]. Its per-sample manipulability is::
+For each assessed input ``i`` the attack returns ``x_adv_i`` inside the budget (by default
+``|x_adv_i - x_i|_inf <= 8/255``) with pixels in [0, 1]. Its per-sample manipulability is::
 
     s_i = min(max(PCC(h(x_adv_i), t_i), 0), 1)   if top-1 class of x_adv_i == top-1 class of x_i
     s_i = 0                                       otherwise (also when the PCC is undefined)
@@ -26,9 +26,8 @@ makes every explanation look like an arbitrary other one while the prediction is
 The PCC the target had *before* the attack is reported next to it (``target_pcc_before``).
 """
 from .check import DEFAULT_ITERATIONS, DEFAULT_LINF, check_folder, check_robustness, manipulability
-from .check import LR_PER_LINF  # noqa: F401 - reachable here as before the split
 from .quantus import ManipulationRobustness
-from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT  # noqa: F401 - as LR_PER_LINF
+from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT  # noqa: F401 - reachable here
 from .recognise import Method, recognise
 from .report import RobustnessReport
 

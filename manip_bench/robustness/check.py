@@ -20,6 +20,7 @@ from .. import attributors, data, heatmaps, metrics, models
 from ..attack import ManipulationAttack
 from ..errors import ManipBenchError
 from ..experiment import private_random_state
+from ..threat import DEFAULT_BUDGET, Budget
 from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT, recognise
 from .report import RobustnessReport
 
@@ -27,8 +28,7 @@ from .report import RobustnessReport
 DEFAULT_LINF = 8 / 255
 #: default number of attack iterations
 DEFAULT_ITERATIONS = 200
-#: default Adam step as a fraction of the L-inf budget (the budget's edge is ~16 steps away)
-LR_PER_LINF = 1 / 16
+_UNSET = object()
 
 
 def manipulability(target_pcc, class_kept):
@@ -71,8 +71,8 @@ def _device(model):
 
 
 def check_robustness(explainer, inputs, target=None, *, model=None, target_map=None,
-                     iterations=DEFAULT_ITERATIONS, linf=DEFAULT_LINF, lr=None, smooth_beta=None,
-                     seed=0, progress=False, **attribute_kwargs):
+                     iterations=DEFAULT_ITERATIONS, budget=DEFAULT_BUDGET, linf=_UNSET, lr=None,
+                     smooth_beta=None, seed=0, progress=False, **attribute_kwargs):
     """Attack the explanations of ``inputs`` and report how far they can be manipulated.
 
     Parameters
@@ -96,12 +96,15 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
         ``(H, W)`` or ``(N, H, W)`` heatmap(s) to steer toward. Default: input ``i`` is
         steered toward the explanation of input ``(i + 1) mod N`` (N >= 2 needed).
     iterations : int
-        Attack steps (Adam).
-    linf : float or None
-        Largest change of any pixel, in [0, 1] pixel units (default 8/255); None: unbounded.
+        Attack steps of the default budget-tied, self-tuning attack.
+    budget : str or Budget
+        The threat model (:class:`manip_bench.threat.Budget`): ``"8/255"`` (default, L-inf
+        in [0, 1] pixel units), ``"l2:0.5"``, ``"none"``.
+    linf : float or None, optional
+        Shorthand for ``budget="linf:<linf>"`` (None: unbounded).
     lr : float, optional
-        Adam step in pixel units; default ``linf / 16`` (without a budget: the method's
-        paper preset).
+        Use the paper's fixed-rate Adam with this step (pixel units) instead of the
+        self-tuning schedule.
     smooth_beta : float, optional
         Also assess the beta-smoothed explanation (Softplus(beta) network; gradient-type
         methods), reported in ``report.smoothed``: what the defence buys.
@@ -132,8 +135,10 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
                               f"only (LRP rules on a softplus network do not conserve relevance)")
     device = _device(method.model)
     x = _images(inputs, device)
-    budget = {"iterations": int(iterations), "linf": linf,
-              "lr": lr if lr is not None else (linf * LR_PER_LINF if linf else None)}
+    if linf is not _UNSET:
+        budget = Budget("linf", linf) if linf else Budget("none")
+    attack_options = dict(iterations=int(iterations), budget=Budget.parse(budget).to_json(),
+                          **({"schedule": "adam", "lr": lr} if lr is not None else {}))
     with private_random_state(seed, device):
         explain = method.create()
         with torch.no_grad():
@@ -151,7 +156,7 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
             raise ManipBenchError("the default targets are the other inputs' explanations: pass "
                                   "at least 2 inputs (predicted as their target), or a target_map")
         maps = _target_maps(target_map, keep, x.shape[0])
-        run = dict(method=method, x=x, keep=keep, target_map=maps, budget=budget,
+        run = dict(method=method, x=x, keep=keep, target_map=maps, options=attack_options,
                    progress=progress, seed=seed, skipped=skipped)
         report = _assess(explain, **run)
         if smooth_beta is not None:
@@ -195,9 +200,8 @@ def _target_maps(target_map, keep, n):
                           f"got {tuple(target_map.shape)}")
 
 
-def _assess(explain, method, x, keep, target_map, budget, progress, seed, skipped):
-    attack = ManipulationAttack(method.model, explain, iterations=budget["iterations"],
-                                lr=budget["lr"], linf=budget["linf"], progress=progress)
+def _assess(explain, method, x, keep, target_map, options, progress, seed, skipped):
+    attack = ManipulationAttack(method.model, explain, progress=progress, **options)
     x = x[keep]
     if target_map is None:
         targets = attack.target_maps(x.roll(-1, 0))
@@ -220,10 +224,12 @@ def _assess(explain, method, x, keep, target_map, budget, progress, seed, skippe
     per_sample["manipulability"] = manipulability(m["expl_target_pcc"], m["class_kept"])
     return RobustnessReport(
         method=method.name, source=method.source, options=method.options,
-        smooth_beta=explain.smooth_beta, budget=dict(budget), seed=seed, per_sample=per_sample,
+        smooth_beta=explain.smooth_beta, budget={"iterations": result.iterations,
+                                                 **result.describe()},
+        seed=seed, per_sample=per_sample,
         score=float(np.median(per_sample["manipulability"])), skipped=dict(skipped),
         seconds=result.seconds, result=result)
 
 
-__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "LR_PER_LINF", "check_folder",
+__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "check_folder",
            "check_robustness", "manipulability"]

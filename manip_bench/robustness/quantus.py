@@ -15,7 +15,8 @@ from captum.attr import (
 from captum.attr._utils.attribution import Attribution
 
 from ..errors import ManipBenchError
-from .check import DEFAULT_ITERATIONS, DEFAULT_LINF, _device, check_robustness
+from ..threat import DEFAULT_BUDGET
+from .check import DEFAULT_ITERATIONS, _device, check_robustness
 
 #: ``quantus.explain`` method names -> (Captum class, the attribute() arguments Quantus adds)
 _QUANTUS_CAPTUM = {
@@ -31,7 +32,7 @@ class ManipulationRobustness:
 
     Called like Quantus' robustness metrics, without Quantus as a dependency::
 
-        metric = ManipulationRobustness(iterations=200, linf=8 / 255)
+        metric = ManipulationRobustness(iterations=200, budget="8/255")
         scores = metric(model, x_batch, y_batch, explain_func=Saliency)   # list of floats
 
     Each score is ``s_i`` of :func:`check_robustness` (NaN for an input whose prediction
@@ -44,10 +45,11 @@ class ManipulationRobustness:
 
     score_direction = "lower"
 
-    def __init__(self, method=None, iterations=DEFAULT_ITERATIONS, linf=DEFAULT_LINF, lr=None,
-                 seed=0, return_aggregate=False, aggregate_func=np.nanmedian, **attribute_kwargs):
+    def __init__(self, method=None, iterations=DEFAULT_ITERATIONS, budget=DEFAULT_BUDGET,
+                 lr=None, seed=0, return_aggregate=False, aggregate_func=np.nanmedian,
+                 **attribute_kwargs):
         self.method, self.attribute_kwargs = method, attribute_kwargs
-        self.options = dict(iterations=iterations, linf=linf, lr=lr, seed=seed)
+        self.options = dict(iterations=iterations, budget=budget, lr=lr, seed=seed)
         self.return_aggregate, self.aggregate_func = return_aggregate, aggregate_func
         self.last_results, self.all_results, self.last_report = [], [], None
 

@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import metrics
+from ..threat import Budget
 from .recognise import _plain
 
 #: per-sample columns of the table: key, header, format
@@ -89,9 +90,9 @@ class RobustnessReport:
         summary = self.summary()
         table.add_row("med", "", "", *(fmt(summary[key]) for key, _, fmt in _COLUMNS[3:]),
                       style="bold")
-        linf = self.budget["linf"]
-        budget = Text(f"{self.budget['iterations']} iterations, "
-                      f"{f'L∞ ≤ {linf * 255:.3g}/255' if linf else 'no L∞ budget'}, "
+        budget = Text(f"{self.budget['iterations']} iterations "
+                      f"({self.budget['schedule']['name']} schedule), budget "
+                      f"{Budget.parse(self.budget['budget']).label()}, "
                       f"{self.seconds:.1f} s; median output MSE {summary['output_mse']:.1e}",
                       style="dim")
         return [headline, table, budget]

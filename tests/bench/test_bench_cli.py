@@ -1,5 +1,6 @@
 """`manip-bench bench`, `report` and `smooth` end to end, and their errors."""
 import csv
+import json
 
 import pytest
 
@@ -24,8 +25,42 @@ def test_bench_then_report(image_folder, tmp_path, capsys):  # noqa: F811
     assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out)]) == 0
     assert len(bench.read_results(out)) == 6
     assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out),
-                     "--lr", "0.1"]) == 2
+                     "--budget", "4/255"]) == 2
     assert "different configuration" in capsys.readouterr().err
+    rows = bench.read_results(out)
+    assert {row["budget"]["norm"] for row in rows} == {"linf"}
+    assert all(row["budget"]["eps"] == pytest.approx(8 / 255) for row in rows)
+    assert {row["schedule"]["name"] for row in rows} == {"auto"}
+    assert [loss["name"] for loss in rows[0]["losses"]] == ["target_map", "output"]
+
+
+def test_budgets_give_curves_and_a_score(image_folder, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "curves"
+    assert cli.main(["bench", *TINY, "--attributors", "captum.saliency", "--pairs",
+                     str(image_folder), "--budgets", "1/255,4/255,16/255", "--out",
+                     str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "manipulability" in printed and "16/255" in printed
+    assert len(bench.read_results(out)) == 9
+    with open(out / "curves.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["budget"] for row in rows] == ["1/255", "4/255", "16/255"]
+    assert len({row["score"] for row in rows}) == 1 and 0 <= float(rows[0]["score"]) <= 1
+    assert (out / "curves.png").exists()
+
+
+def test_old_results_without_budgets_are_still_reported(image_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "old"
+    assert cli.main(["bench", *TINY, "--attributors", "captum.saliency", "--pairs",
+                     str(image_folder), "--out", str(out)]) == 0
+    for path in bench.results_files(out):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            for key in ("budget", "losses", "schedule"):
+                del row[key]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = bench.report(out, figures=False)["summary"]
+    assert summary[0]["budget"] == "unrecorded" and summary[0]["n"] == 3
 
 
 def test_sharded_bench_writes_its_own_file(image_folder, tmp_path, capsys):  # noqa: F811
@@ -55,6 +90,11 @@ def test_smooth_command(image_folder, tmp_path):  # noqa: F811
     (["bench", "--shard", "2/2"], "need 0 <= i < N"),
     (["smooth", "--attributors", "zennit.epsilon"], "LRP is not smoothed"),
     (["report", "/no/such/folder"], "no such results folder"),
+    (["bench", "--budget=-8/255"], ">= 0"),
+    (["bench", "--budget", "lots"], "number or a fraction"),
+    (["bench", "--budgets", "1/255,2"], "exceeds the image range"),
+    (["bench", "--loss", "ssim"], "unknown loss"),
+    (["bench", "--budgets", "1/255", "--budget", "2/255"], "not both"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, capsys):
     assert cli.main([*argv, *(["--out", str(tmp_path / "x")] if argv[0] != "report" else [])]) == 2

@@ -18,7 +18,8 @@ from manip_bench.bench.results import ROW_FIELDS, read_rows, row_key
 from manip_bench.experiment import CONTRACT_METRICS
 
 ROW_KEYS = {"attributor", "model", "pair", "original", "target", "smooth_beta", "options",
-            "preset", "iterations", "seconds", "explain_seconds", "metrics"}  # the list
+            "preset", "iterations", "seconds", "explain_seconds", "metrics",  # the list
+            "budget", "losses", "schedule"}  # how each result was made
 
 
 def keys(rows):
@@ -39,12 +40,13 @@ def test_tiny_grid_writes_the_expected_rows(tiny_grid, tmp_path):
         assert (row["original"], row["target"]) == tiny_grid.pairs[row["pair"]]
         assert set(CONTRACT_METRICS) <= set(row["metrics"])
         assert isinstance(row["metrics"]["class_kept"], bool)
-    assert {r["preset"] for r in rows} == {"gradient", "lrp"}  # paper preset per method
+    assert {r["preset"] for r in rows} == {"auto"}  # the default: no per-method tuning
+    assert all(r["budget"] == {"norm": "linf", "eps": 8 / 255} for r in rows)
     config = json.loads((out / "config.json").read_text())
     assert config["grid"] == tiny_grid.to_json() and config["seed"] == 0
     assert config["device"] == "cpu" and {"torch", "captum", "zennit"} <= set(config["versions"])
     examples = sorted(p.name for p in (out / "examples").iterdir())
-    assert examples == ["captum.saliency__cifar_vgg.pt", "zennit.epsilon__cifar_vgg.pt"]
+    assert examples == ["captum.saliency__cifar_vgg__linf8.pt", "zennit.epsilon__cifar_vgg__linf8.pt"]
     example = bench.load_examples(out)[0]
     assert example["x_adv"].shape == (3, 32, 32) and example["target_map"].shape == (32, 32)
     # the same command again: nothing to do
@@ -143,8 +145,9 @@ def test_two_shards_merged_equal_the_unsharded_run(tiny_grid, tmp_path):
     assert [w[:4] for w in whole] == [m[:4] for m in merged]
     for (*_, a), (*_, b) in zip(whole, merged):
         assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for key in a:  # batched convolutions round differently per batch composition, and the
+            # default schedule's per-pixel normalised steps carry that to ~2e-4 relative
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
 
 
 def test_shard_arguments_and_torchrun_environment():

@@ -8,7 +8,8 @@ from torch import nn
 from conftest import SHARED_DATA, requires_shared_data
 from manip_bench import ManipBenchError, models
 from manip_bench.data import load_batch
-from manip_bench.models.cifar_vgg import CifarVGG, Normalize
+from manip_bench.models.cifar_resnet import BasicBlock, CifarResNet
+from manip_bench.models.cifar_vgg import CIFAR10_MEAN, CifarVGG, Normalize
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def resnet18_state():
 
 
 def test_names_and_facts_need_no_download(offline):
-    assert models.available() == ["alexnet", "cifar_vgg", "densenet121", "resnet18", "vgg16"]
+    assert models.available() == ["alexnet", "cifar_resnet", "cifar_vgg", "densenet121",
+                                  "resnet18", "vgg16"]
     assert models.input_size("cifar_vgg") == 32 and models.input_size("vgg16") == 224
     assert models.class_names("cifar_vgg")[:2] == ["airplane", "automobile"]
     assert len(models.class_names("resnet18")) == 1000
@@ -149,3 +151,129 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
         models.load("cifar_vgg", weights=tmp_path / "junk.pt")
     with pytest.raises(ManipBenchError, match="no such weights file.*'default', 'random'"):
         models.load("cifar_vgg", weights="defualt")
+
+
+# --- the embedded CIFAR-10 ResNet-20 (batch norm kept) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_resnet():
+    return models.load("cifar_resnet")
+
+
+def test_cifar_resnet_facts():
+    assert models.DEFAULT_MODEL == "cifar_vgg"
+    assert models.input_size("cifar_resnet") == 32
+    assert models.class_names("cifar_resnet") == models.class_names("cifar_vgg")
+    row = {row["name"]: row for row in models.describe()}["cifar_resnet"]
+    assert row["classes"] == 10 and row["input_size"] == 32
+    assert row["source"] == "embedded (cifar_resnet.pt, CIFAR-10)"
+
+
+def test_cifar_resnet_loads_embedded_weights_with_weights_only(monkeypatch):
+    calls, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model = models.load("cifar_resnet")
+    assert calls and calls[0][0][0] == models.CIFAR_RESNET_WEIGHTS and calls[0][1]["weights_only"]
+    assert isinstance(model, CifarResNet) and not model.training
+    assert not any(module.training for module in model.modules())
+    with torch.no_grad():
+        assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_cifar_resnet_weights_file_is_small():
+    assert models.CIFAR_RESNET_WEIGHTS.is_file()
+    assert models.CIFAR_RESNET_WEIGHTS.stat().st_size < 2 * 1024 * 1024
+
+
+def test_cifar_resnet_structure(cifar_resnet):
+    """ResNet-20 with batch norm kept, ``normalize`` first, one ReLU module per use."""
+    name, first = next(iter(cifar_resnet.named_children()))
+    assert name == "normalize" and isinstance(first, Normalize)
+    assert torch.allclose(first.mean.flatten(), torch.tensor(CIFAR10_MEAN))
+    blocks = [m for m in cifar_resnet.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 9
+    assert sum(isinstance(block.shortcut, nn.Sequential) for block in blocks) == 2
+    assert sum(isinstance(block.shortcut, nn.Identity) for block in blocks) == 7
+    norms = [m for m in cifar_resnet.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 1 + 2 * 9 + 2
+    assert all(norm.running_var.min() > 0 for norm in norms)  # trained statistics, not folded
+    relus = [m for m in cifar_resnet.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 1 + 2 * 9 and len({id(m) for m in relus}) == len(relus)
+    assert not any(m.inplace for m in relus)
+    assert cifar_resnet.fc.out_features == 10 and cifar_resnet.fc.in_features == 64
+
+
+def test_cifar_resnet_relu_modules_are_used(cifar_resnet):
+    """Every nonlinearity runs through an ``nn.ReLU`` module (so swapping them matters)."""
+    x = torch.rand(2, 3, 32, 32)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1))
+             for m in cifar_resnet.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            cifar_resnet(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 19
+
+
+@requires_shared_data("cifar10", "test")
+def test_cifar_resnet_classifies_cifar_test_images(cifar_resnet):
+    root = SHARED_DATA / "cifar10" / "test"
+    classes = models.class_names("cifar_resnet")
+    paths, labels = [], []
+    for label, name in enumerate(classes):  # the first 50 images of each class
+        paths += sorted((root / name).iterdir())[:50]
+        labels += [label] * 50
+    with torch.no_grad():
+        predicted = cifar_resnet(load_batch(paths, 32)).argmax(1)
+    accuracy = (predicted == torch.tensor(labels)).float().mean().item()
+    # the shipped weights (5 CPU epochs) score 0.750 here and 0.738 on all 10,000 test images
+    assert accuracy >= 0.70, f"accuracy {accuracy:.3f} on 500 CIFAR-10 test images"
+
+
+def test_cifar_resnet_random_weights_are_seeded_and_not_the_embedded_ones(cifar_resnet):
+    torch.manual_seed(5)
+    first = models.load("cifar_resnet", weights="random")
+    torch.manual_seed(5)
+    second = models.load("cifar_resnet", weights="random")
+    assert isinstance(first, CifarResNet) and not first.training
+    assert torch.equal(first.conv1.weight, second.conv1.weight)
+    assert not torch.equal(first.conv1.weight, cifar_resnet.conv1.weight)
+    with torch.no_grad():
+        assert first(torch.rand(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_cifar_resnet_weights_file_roundtrip(tmp_path, cifar_resnet):
+    state = cifar_resnet.state_dict()
+    torch.save(state, tmp_path / "full.pt")
+    torch.save({"state_dict": state}, tmp_path / "checkpoint.pt")
+    torch.save({k: v for k, v in state.items() if not k.startswith("normalize.")},
+               tmp_path / "bare.pt")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = cifar_resnet(x)
+    for name in ("full.pt", "checkpoint.pt", "bare.pt"):
+        loaded = models.load("cifar_resnet", weights=tmp_path / name)
+        assert isinstance(loaded, CifarResNet) and not loaded.training
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, state[key]), key
+        with torch.no_grad():
+            assert torch.equal(loaded(x), expected)
+
+
+def test_cifar_resnet_rejects_vgg_weights_and_missing_embedded_file(tmp_path, monkeypatch):
+    torch.save(CifarVGG().state_dict(), tmp_path / "vgg.pt")
+    with pytest.raises(ManipBenchError, match="weights do not match model 'cifar_resnet'"):
+        models.load("cifar_resnet", weights=tmp_path / "vgg.pt")
+    monkeypatch.setattr(models, "CIFAR_RESNET_WEIGHTS", tmp_path / "cifar_resnet.pt")
+    with pytest.raises(ManipBenchError, match="weights missing.*train_cifar --arch resnet"):
+        models.load("cifar_resnet")
+    assert isinstance(models.load(), CifarVGG)  # the default model is unaffected
