@@ -73,7 +73,8 @@ class AttackConfig:
         """Normalise the budget and raise ManipBenchError for values that cannot work."""
         self.budget = Budget.parse(self.budget)
         if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ManipBenchError(f"iterations must be a whole number >= 1, got {self.iterations!r}")
+            raise ManipBenchError(
+                f"iterations must be a whole number >= 1, got {self.iterations!r}")
         if self.schedule not in schedules.SCHEDULES:
             raise ManipBenchError(f"unknown schedule {self.schedule!r}; use "
                                   f"{' or '.join(schedules.SCHEDULES)}")
@@ -284,7 +285,16 @@ class ManipulationAttack:
 
     def target_maps(self, x_target):
         """Heatmaps of ``x_target`` for each image's own top-1 class (the paper's target maps)."""
-        return self.evaluate(_check_images(x_target, self.explain.device))[2]
+        return self.evaluate(self._images(x_target))[2]
+
+    def _images(self, x):
+        """``x`` checked: (N, C, H, W), finite, in [0, 1], on the model's device and dtype."""
+        if isinstance(x, torch.Tensor) and x.device != self.explain.device:
+            x = x.to(self.explain.device)
+        self.explain.check_images(x)
+        if x.min() < 0 or x.max() > 1:
+            raise ManipBenchError("images must be in [0, 1] (the models normalise inside)")
+        return x.detach()
 
     def _terms(self, output, relevance, reference):
         """Per-sample weighted loss terms, by loss name."""
@@ -311,9 +321,10 @@ class ManipulationAttack:
         target = None
         if self.targeted:
             if target_map is None:
-                raise ManipBenchError(
-                    "this attack steers toward a target map: pass target_map, or use an "
-                    f"untargeted loss ({', '.join(n for n in losses.available(True) if not losses.get_class(n).needs_target)})")
+                untargeted = [n for n in losses.available(True)
+                              if not losses.get_class(n).needs_target]
+                raise ManipBenchError("this attack steers toward a target map: pass target_map, "
+                                      f"or use an untargeted loss ({', '.join(untargeted)})")
             target = heatmaps.prepare_target(target_map.to(x.device), x.shape[0], x.shape[2:])
             if self.config.preserve_total_relevance:
                 target = heatmaps.rescale_total(target, original_map)
@@ -323,12 +334,12 @@ class ManipulationAttack:
         return losses.Reference(output, relevance, original_map, target)
 
     def start(self, x, target_map=None):
-        """Set up an attack of images ``x`` (N, 3, H, W) in [0, 1] (toward ``target_map`` (N, H, W)).
+        """Set up an attack of images ``x`` (N, 3, H, W) in [0, 1], toward ``target_map`` (N, H, W).
 
         Returns the :class:`AttackState` that :meth:`step` advances; :meth:`__call__` is
         ``start``, ``iterations`` steps, and the final judging of the best images.
         """
-        x = _check_images(x, self.explain.device)
+        x = self._images(x)
         self.budget.check_image_size(x)
         reference = self._reference(x, target_map)
         x_adv = x.clone().requires_grad_()
@@ -380,7 +391,8 @@ class ManipulationAttack:
                     result = self.step(state)
                     _record(history, result)
                     advance(loss=history["loss"][-1])
-                    if c.patience is not None and state.step - 1 - state.last_improvement >= c.patience:
+                    if c.patience is not None and \
+                            state.step - 1 - state.last_improvement >= c.patience:
                         break
             finally:
                 self.explain.set_beta(self.eval_beta)
@@ -415,8 +427,8 @@ class ManipulationAttack:
         if gradient is None or not gradient.abs().sum() > 0:
             raise ManipBenchError(
                 f"{self.name}: the explanation has zero derivative in the input on this model, so "
-                "it cannot be attacked (functional F.relu calls cannot be swapped for softplus; "
-                "use nn.ReLU modules)")
+                "it cannot be attacked (is the model piecewise linear without any ReLU to swap "
+                "for softplus?)")
 
 
 def _record(history, result):
@@ -424,16 +436,6 @@ def _record(history, result):
     for key, value in result.terms.items():
         history[key].append(value.mean().item())
     history["beta"].append(result.beta)
-
-
-def _check_images(x, device):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ManipBenchError("images must be a float tensor of shape (N, C, H, W)")
-    if not torch.isfinite(x).all():
-        raise ManipBenchError("images contain NaN or infinite values")
-    if x.min() < 0 or x.max() > 1:
-        raise ManipBenchError("images must be in [0, 1] (the models normalise inside)")
-    return x.detach().to(device)
 
 
 @contextlib.contextmanager

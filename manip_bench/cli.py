@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import attributors, bench, experiment, losses, models, patterns, robustness
+from . import __version__, attributors, bench, experiment, losses, models, patterns, robustness
 from .attack import DEFAULT_PRESET, PRESETS, make_config
 from .errors import ManipBenchError
 from .threat import DEFAULT_BUDGET, format_value
@@ -23,9 +23,11 @@ def _run_parser(sub):
                    help="registry name (see `manip-bench list`)")
     p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
     p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
-    p.add_argument("--image", help="image to manipulate (file or bundled photo name)")
+    p.add_argument("--image", help="image to manipulate (file or bundled photo name; default: "
+                                   "the bundled photo chelsea)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-image", help="image whose explanation is the target")
+    target.add_argument("--target-image", help="image whose explanation is the target "
+                                               "(default: the bundled photo coffee)")
     target.add_argument("--target-map", help="grayscale image used directly as the target heatmap")
     _attack_arguments(p)
     p.add_argument("--beta", type=float, dest="smooth_beta",
@@ -72,15 +74,17 @@ def run_table(result, out, model):
     """What one run did: image, target, class and probability, budget, time, metrics."""
     record = experiment.read_record(out)
     m = {key: values[0] for key, values in result.metrics.items()}
-    table = Table(title=f"{result.attributor} on {model}", title_justify="left")
+    table = Table(title=f"{result.attributor} on {model}", title_justify="left", show_header=False)
     table.add_column("", style="bold", no_wrap=True)
     table.add_column("")
     target = record.get("target_image") or record.get("target_map") or "none (untargeted)"
     table.add_row("image → target", f"{record['image']} → {target}")
+    kept = "kept" if m["class_kept"] else "CHANGED"
     table.add_row("class", f"{record['original_class']}: p = {m['prob_before']:.3f} before, "
-                           f"{m['prob_after']:.3f} after ({'kept' if m['class_kept'] else 'CHANGED'})")
+                           f"{m['prob_after']:.3f} after ({kept})")
     used = "" if not result.budget.bounded else f", used {m['input_budget_used']:.0%}"
-    table.add_row("budget", f"{result.budget.label()}{used}; L∞ change {m['input_linf'] * 255:.1f}/255")
+    table.add_row("budget", f"{result.budget.label()}{used}; "
+                            f"L∞ change {m['input_linf'] * 255:.1f}/255")
     table.add_row("attack", f"{record['preset']} preset, {result.schedule['name']} schedule, "
                             f"{result.iterations} iterations, {result.seconds:.1f} s, "
                             f"{record['threads']} thread(s) on {record['device']}")
@@ -284,11 +288,27 @@ def cmd_patterns(args):
                   f"attributors.create('pattern.attribution', model, patterns={str(path)!r})")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="manip-bench",
         description="Manipulate image explanations (Dombrowski et al. 2019) and measure it.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_run_parser, _list_parser, _bench_parser, _report_parser, _smooth_parser,
                 _check_parser, _patterns_parser):
         add(sub)

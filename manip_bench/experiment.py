@@ -138,6 +138,9 @@ def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image
         overview_figure(result, staging / "overview.png", target_image=target_x)
         if out.exists():
             out.rmdir()
+        _umask = os.umask(0)
+        os.umask(_umask)
+        staging.chmod(0o777 & ~_umask)  # mkdtemp makes it 0700; a results folder is ordinary
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

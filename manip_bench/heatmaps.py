@@ -39,6 +39,8 @@ def prepare_target(target_map, batch, size):
         raise ManipBenchError(f"target_map must have shape ({batch}, H, W) to match the images, "
                               f"got {tuple(target_map.shape)}")
     target_map = target_map.float()
+    if not torch.isfinite(target_map).all():
+        raise ManipBenchError("target_map contains NaN or infinite values")
     if (target_map < 0).any():
         raise ManipBenchError("target_map must be non-negative (a heatmap)")
     if tuple(target_map.shape[1:]) != tuple(size):

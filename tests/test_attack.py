@@ -194,17 +194,11 @@ def test_non_attackable_methods_are_refused(name, model):
         ManipulationAttack(model, name)
 
 
-def test_functional_relu_model_is_refused():
-    class Functional(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(12, 4), torch.nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-    attack = ManipulationAttack(Functional(), "captum.saliency", iterations=2)
-    with pytest.raises(ManipBenchError, match="no nn.ReLU modules"):
+def test_a_model_without_any_relu_is_refused():
+    """Nothing to swap for softplus: the map of a linear model cannot move."""
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    attack = ManipulationAttack(linear, "captum.saliency", iterations=2)
+    with pytest.raises(ManipBenchError, match="no ReLU"):
         attack(torch.rand(1, 3, 2, 2), torch.rand(1, 2, 2))
 
 
@@ -216,6 +210,19 @@ def test_bad_images_and_target_maps(model):
         attack(torch.rand(2, 3, 32, 32), torch.rand(3, 32, 32))
     with pytest.raises(ManipBenchError, match="positive mass"):
         attack(torch.rand(1, 3, 32, 32), torch.zeros(1, 32, 32))
+    with pytest.raises(ManipBenchError, match="NaN or infinite"):
+        attack(torch.full((1, 3, 32, 32), float("nan")), torch.rand(1, 32, 32))
+    with pytest.raises(ManipBenchError, match="target_map contains NaN"):
+        attack(torch.rand(1, 3, 32, 32), torch.full((1, 32, 32), float("nan")))
+    with pytest.raises(ManipBenchError, match=r"x is torch.float64 .* x.to\(torch.float32\)"):
+        attack(torch.rand(1, 3, 32, 32, dtype=torch.float64), torch.rand(1, 32, 32))
+
+
+def test_an_image_the_model_cannot_explain_is_one_clear_error():
+    """A 1-channel image for a 3-channel ResNet with batch norm: no raw hook error."""
+    attack = ManipulationAttack(models.load("cifar_resnet"), "zennit.epsilon", iterations=1)
+    with pytest.raises(ManipBenchError, match=r"explaining input of shape \(1, 1, 32, 32\) failed"):
+        attack(torch.rand(1, 1, 32, 32), torch.rand(1, 32, 32))
 
 
 def test_model_unchanged_after_interrupted_attack(model, pair):

@@ -123,3 +123,30 @@ def test_list_shows_attributors_models_and_presets(capsys):
     out = capsys.readouterr().out
     for word in ("zennit.paper_lrp", "cifar_vgg", "vgg16", "cifar10"):
         assert word in out
+
+
+def test_version_module_entry_and_defaults_in_help(capsys):
+    import subprocess
+    import sys
+
+    from manip_bench import __version__
+    with pytest.raises(SystemExit):
+        run_cli("--version")
+    assert capsys.readouterr().out.strip() == f"manip-bench {__version__}"
+    with pytest.raises(SystemExit):
+        run_cli("run", "--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: zennit.epsilon)" in help_text and "(default: auto)" in help_text
+    done = subprocess.run([sys.executable, "-m", "manip_bench", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage: manip-bench" in done.stdout
+
+
+def test_run_folder_has_ordinary_permissions(tmp_path):
+    import os
+    import stat
+    out = tmp_path / "run"
+    assert run_cli("run", "--iterations", "1", "--out", str(out)) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

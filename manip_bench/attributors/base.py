@@ -5,7 +5,6 @@ differentiable in ``x`` with correct second-order terms, so a loss on it can be 
 over ``x`` (double backpropagation). Every attributor works on a private copy of the
 caller's model: the caller's module, parameters, hooks and mode are never touched.
 """
-import contextlib
 import copy
 
 import torch
@@ -13,57 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ManipBenchError
-
-
-class _RuleBackward(torch.autograd.Function):
-    """ReLU/softplus whose backward follows ``module.backward_rule`` while ``module.rule_active``.
-
-    The rule (guided backprop, deconvolution) must shape only the explanation's own
-    backward pass. Any later backward through the forward path (the attack's second
-    backward) gets the true derivative, because the rule is switched off by then. Both
-    backwards are written in differentiable operations, so the explanation's backward
-    can itself be differentiated (``create_graph=True``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, module):
-        ctx.save_for_backward(x)
-        ctx.module, ctx.beta = module, module.beta
-        return F.relu(x) if module.beta is None else F.softplus(x, module.beta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        local = (x > 0).to(grad.dtype) if ctx.beta is None else torch.sigmoid(ctx.beta * x)
-        rule = ctx.module.backward_rule if ctx.module.rule_active else None
-        if rule == "deconv":
-            return grad.clamp(min=0), None
-        if rule == "guided":
-            return grad.clamp(min=0) * local, None
-        return grad * local, None
-
-
-class SmoothReLU(nn.ReLU):
-    """A ReLU that becomes Softplus(beta) when ``beta`` is set (cheap to change per step).
-
-    ``backward_rule`` ("guided" or "deconv") replaces the backward pass while
-    ``rule_active`` is set (guided backpropagation, deconvolution). Being an ``nn.ReLU``
-    subclass, Zennit and Captum still treat it as an activation.
-    """
-
-    def __init__(self):
-        super().__init__(inplace=False)
-        self.beta = None
-        self.backward_rule = None
-        self.rule_active = False
-
-    def forward(self, x):
-        if self.backward_rule is not None:
-            return _RuleBackward.apply(x, self)
-        return F.relu(x) if self.beta is None else F.softplus(x, self.beta)
-
-    def extra_repr(self):
-        return f"beta={self.beta}, backward_rule={self.backward_rule}"
+from .activations import SmoothReLU, install_functional_activations, rule_active  # noqa: F401
 
 
 def conv2d_input_gradient(module, grad, weight, input_shape):
@@ -206,6 +155,12 @@ class Attributor:
     def __init__(self, model, smooth_beta=None):
         self.model = prepare_model(model, self.swap_relu)
         self.activations = smooth_activations(self.model)
+        self._relu_modules = bool(self.activations)
+        self.functional = None
+        if self.needs_softplus and self.swap_relu:  # F.relu calls follow the swap too
+            shared = SmoothReLU()
+            self.functional = install_functional_activations(self.model, shared)
+            self.activations.append(shared)
         if smooth_beta is not None:
             self._check_beta(smooth_beta)
         self.smooth_beta = smooth_beta
@@ -218,9 +173,7 @@ class Attributor:
                 f"{self.name}: beta-smoothing applies to gradient-type methods only "
                 "(LRP rules on a softplus network do not conserve relevance)")
         if not self.activations:
-            raise ManipBenchError(
-                f"{self.name}: the model has no nn.ReLU modules to smooth (functional F.relu "
-                "calls cannot be swapped); rewrite the model with nn.ReLU modules")
+            raise ManipBenchError(f"{self.name}: the model has no ReLU to smooth")
         if not beta > 0:
             raise ManipBenchError(f"beta must be positive, got {beta}")
 
@@ -231,6 +184,15 @@ class Attributor:
         for activation in self.activations:
             activation.beta = beta
 
+    def _check_smoothed(self, functional_calls):
+        """After an explanation with a beta set: refuse if no ReLU at all was smoothed."""
+        if self.activations and self.activations[0].beta is not None and \
+                not self._relu_modules and self.functional is not None and \
+                self.functional.calls == functional_calls:
+            raise ManipBenchError(f"{self.name}: the model has no ReLU (module or F.relu call) "
+                                  f"to swap for softplus, so its map cannot be smoothed or "
+                                  f"attacked this way")
+
     @property
     def device(self):
         tensor = next(self.model.parameters(), None)
@@ -238,13 +200,23 @@ class Attributor:
 
     def __call__(self, x, target):
         x, target = self._check_input(x, target)
-        return self.attribute(x, target)
+        calls = self.functional.calls if self.functional is not None else 0
+        try:
+            result = self.attribute(x, target)
+        except RuntimeError as error:
+            raise ManipBenchError(
+                f"{self.name}: explaining input of shape {tuple(x.shape)} failed ({error}); "
+                f"check that the images have the channels and size the model expects") from error
+        self._check_smoothed(calls)
+        return result
 
     def attribute(self, x, target):
         """Return ``(output, relevance)`` for validated ``x`` (N, C, H, W) and ``target`` (N,)."""
         raise NotImplementedError
 
-    def _check_input(self, x, target):
+    def check_images(self, x):
+        """Raise ManipBenchError unless ``x`` is a finite (N, C, H, W) float tensor that fits
+        the model's device and dtype."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ManipBenchError("x must be a floating-point torch.Tensor of shape (N, C, H, W)")
         if x.dim() != 4:
@@ -252,6 +224,15 @@ class Attributor:
         if x.device != self.device:
             raise ManipBenchError(f"x is on {x.device} but the model is on {self.device}; "
                                   "move them to the same device")
+        dtype = next((p.dtype for p in self.model.parameters()), x.dtype)
+        if x.dtype != dtype:
+            raise ManipBenchError(f"x is {x.dtype} but the model's weights are {dtype}; pass "
+                                  f"x.to({dtype}) (or convert the model)")
+        if not torch.isfinite(x).all():
+            raise ManipBenchError("x contains NaN or infinite values")
+
+    def _check_input(self, x, target):
+        self.check_images(x)
         if isinstance(target, int):
             target = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
         if not isinstance(target, torch.Tensor) or target.dtype not in (torch.long, torch.int):
@@ -281,18 +262,6 @@ class Attributor:
                     f"the model must return logits of shape (N, classes), got {tuple(output.shape)}")
             self._num_classes[shape] = output.shape[1]
         return self._num_classes[shape]
-
-
-@contextlib.contextmanager
-def rule_active(modules):
-    """Switch on ``rule_active`` of ``modules`` for the explanation's own backward pass only."""
-    for module in modules:
-        module.rule_active = True
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.rule_active = False
 
 
 def input_with_grad(x):

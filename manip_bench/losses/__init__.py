@@ -106,7 +106,7 @@ def create(name, **options):
         raise ManipBenchError(f"loss {name}: {error}") from error
 
 
-from . import preservation, targeted, untargeted  # noqa: E402  (they register themselves)
+from . import preservation, targeted, untargeted  # noqa: E402,F401  (they register themselves)
 from .preservation import OutputPreservation, TotalRelevance  # noqa: E402
 from .targeted import TargetMap  # noqa: E402
 from .untargeted import CenterOfMass, TopK, center_of_mass  # noqa: E402

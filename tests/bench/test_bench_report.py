@@ -93,3 +93,23 @@ def test_sweep_refuses_lrp_and_bad_values():
     methods = bench.sweep_methods("captum.saliency", betas="1,5", stdevs="", relu=False)
     assert [(m.attributor, m.smooth_beta) for m in methods] == [("captum.saliency", 1.0),
                                                                  ("captum.saliency", 5.0)]
+
+
+def test_manipulability_score_is_the_normalised_area_over_log_budget():
+    from manip_bench.bench.report import curves, manipulability_score
+    points = [{"eps": e / 255, "median": m} for e, m in ((1, 0.2), (2, 0.4), (4, 0.8))]
+    assert manipulability_score(points) == pytest.approx((0.3 + 0.6) / 2)
+    flat = [{"eps": e / 255, "median": 0.5} for e in (1, 2, 8, 16)]
+    assert manipulability_score(flat) == pytest.approx(0.5)
+
+    def row(eps, pair, pcc, kept=True):
+        return {"attributor": "captum.saliency", "model": "m", "pair": pair, "smooth_beta": None,
+                "options": {}, "budget": {"norm": "linf", "eps": eps},
+                "metrics": {"expl_target_pcc": pcc, "class_kept": kept}}
+
+    rows = [row(1 / 255, 0, 0.3), row(1 / 255, 1, -0.2), row(4 / 255, 0, 0.9),
+            row(4 / 255, 1, 0.95, kept=False)]
+    (key, series), = curves(rows).items()
+    assert key == ("m", "captum.saliency (linf)")
+    # negative PCC clips to 0, a flipped class counts 0: medians 0.15 and 0.45
+    assert [p["median"] for p in series] == pytest.approx([0.15, 0.45])
