@@ -306,9 +306,11 @@ def curve_figure(series, path):
     fig, axes = plt.subplots(1, len(by_model), squeeze=False,
                              figsize=(6.5 * len(by_model), 4.5))
     for ax, (model, lines) in zip(axes[0], by_model.items()):
-        for method, points in sorted(lines, key=lambda m: -manipulability_score(m[1])):
+        ranked = sorted(lines, key=lambda m: -manipulability_score(m[1]))
+        for i, (method, points) in enumerate(ranked):
             xs = [p["eps"] * 255 for p in points]
-            line, = ax.plot(xs, [p["median"] for p in points], "o-",
+            line, = ax.plot(xs, [p["median"] for p in points], "os^D"[i // 10 % 4] + "-",
+                            color=plt.get_cmap("tab10")(i % 10),
                             label=f"{method} ({manipulability_score(points):.2f})")
             ax.fill_between(xs, [p["p10"] for p in points], [p["p90"] for p in points],
                             color=line.get_color(), alpha=0.08)
