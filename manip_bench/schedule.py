@@ -66,8 +66,8 @@ class BudgetSchedule:
     proportion to their gradient; the loss's scale does not matter), ``r`` the budget's
     radius. The second term pulls pixels whose gradient is weaker than ``decay`` times
     the typical one back toward the original, so the budget is spent where the
-    explanation is sensitive (measured on the bundled model: input SSIM 0.942 -> 0.952 at
-    equal target PCC). ``step_size`` starts at ``initial_step * r`` and is halved at APGD's
+    explanation is sensitive (measured for zennit.epsilon on the bundled model, 6 pairs,
+    500 iterations: median input SSIM 0.942 -> 0.951, median target PCC 0.861 -> 0.852). ``step_size`` starts at ``initial_step * r`` and is halved at APGD's
     checkpoints for every image whose loss fell in fewer than ``rho`` of the steps since
     the last checkpoint or whose best loss did not improve; that image then restarts
     from its best point (``restart``).
