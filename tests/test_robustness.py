@@ -345,3 +345,31 @@ def test_check_records_other_budgets_and_the_paper_schedule(cifar):
                               lr=1e-3)
     assert legacy.budget["budget"]["eps"] == pytest.approx(4 / 255)
     assert legacy.budget["schedule"] == {"name": "adam", "lr": 1e-3}
+
+
+class _MixedVGG(torch.nn.Module):
+    """The embedded VGG's weights: an nn.ReLU module in the stem, F.relu calls everywhere else."""
+
+    def __init__(self, vgg):
+        super().__init__()
+        self.vgg, self.stem = vgg, torch.nn.ReLU()
+
+    def forward(self, x):
+        x, first = self.vgg.normalize(x), True
+        for layer in self.vgg.features:
+            if isinstance(layer, torch.nn.ReLU):
+                x, first = (self.stem(x) if first else torch.nn.functional.relu(x)), False
+            else:
+                x = layer(x)
+        c = self.vgg.classifier
+        return c.fc2(torch.nn.functional.relu(c.fc1(torch.flatten(x, 1))))
+
+
+def test_a_model_mixing_relu_modules_and_calls_scores_like_the_module_model(cifar):
+    """Formerly only the stem was smoothed and the check reported a false low score."""
+    model, x = cifar
+    mixed = _MixedVGG(model).eval()
+    assert torch.equal(mixed(x), model(x))
+    scores = [check_robustness("captum.saliency", x, model=m, iterations=40).score
+              for m in (model, mixed)]
+    assert scores[1] == pytest.approx(scores[0], abs=0.02) and scores[0] > 0.5, scores
