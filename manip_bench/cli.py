@@ -200,9 +200,11 @@ def cmd_smooth(args):
 def _run_grid(grid, args):
     shard = bench.parse_shard(args.shard) if args.shard else bench.shard_from_env()
     out = args.out or bench.default_out_dir(shard=shard)
+    resuming = bench.stored_config(out, grid) is not None  # a different grid: refused now
     console.print(f"{grid.size} results ({len(grid.methods)} methods x {len(grid.models)} models "
-                  f"x {len(grid.pairs)} pairs) in {out}; the same command with --out {out} "
-                  f"resumes", highlight=False)
+                  f"x {len(grid.pairs)} pairs) in {out}"
+                  + ("; resuming what is there" if resuming else "")
+                  + f"; the same command with --out {out} resumes", highlight=False)
     try:
         bench.run_grid(grid, out, batch_size=args.batch_size, device=args.device, shard=shard,
                        threads=args.threads, progress=True, console=console)

@@ -114,5 +114,6 @@ def summarize(per_sample):
     summary = {}
     for key, values in per_sample.items():
         array = np.asarray(values, dtype=float)
-        summary[key] = float(np.nanmedian(array)) if key != "class_kept" else float(array.mean())
+        fraction = key == "class_kept" or all(isinstance(v, (bool, np.bool_)) for v in values)
+        summary[key] = float(array.mean()) if fraction else float(np.nanmedian(array))
     return summary

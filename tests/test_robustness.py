@@ -299,6 +299,15 @@ def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
     record = json.loads(json.dumps(report.to_dict()))
     assert record["score"] == report.score and record["smoothed"]["smooth_beta"] == 3.0
     assert "manipulability" in str(report)
+    # the smoothed table and its footer tell the same story about the predicted classes
+    agrees = report.smoothed.per_sample["same_class_as_unsmoothed"]
+    assert report.smoothed.agreement == pytest.approx(sum(agrees) / len(agrees))
+    assert record["smoothed"]["summary"]["same_class_as_unsmoothed"] == report.smoothed.agreement
+    text = str(report)
+    assert (f"agrees with the original (ReLU) model's on {report.smoothed.agreement:.0%}"
+            in " ".join(text.split()))
+    smoothed_rows = text.split("β-smoothed")[1].splitlines()
+    assert sum(" NO" in line for line in smoothed_rows) == agrees.count(False)
 
 
 def test_check_folder_on_a_zoo_model(tmp_path):

@@ -18,8 +18,8 @@ model and pair) and ``examples/<cell>.pt`` (images and maps of pair 0 of each ce
 Running the same grid into the same folder again resumes; a different grid is refused.
 """
 from .grid import (BUNDLED, Grid, Method, RunSummary, build_grid, default_out_dir, load_examples,
-                   make_grid, parse_model, parse_shard, resolve_attributors, run_grid, sample_pairs,
-                   shard_from_env, shard_pairs)
+                   make_grid, parse_budgets, parse_model, parse_shard, resolve_attributors,
+                   run_grid, sample_pairs, shard_from_env, shard_pairs, stored_config)
 from .report import report, summarize
 from .results import (ResultsWriter, read_results, read_rows, results_files, results_name,
                       row_key)
@@ -27,6 +27,7 @@ from .smooth import DEFAULT_BETAS, DEFAULT_STDEVS, make_sweep, sweep_methods
 
 __all__ = ["BUNDLED", "DEFAULT_BETAS", "DEFAULT_STDEVS", "Grid", "Method", "ResultsWriter",
            "RunSummary", "build_grid", "default_out_dir", "load_examples", "make_grid",
-           "make_sweep", "parse_model", "parse_shard", "read_results", "read_rows", "report",
-           "resolve_attributors", "results_files", "results_name", "row_key", "run_grid",
-           "sample_pairs", "shard_from_env", "shard_pairs", "summarize", "sweep_methods"]
+           "make_sweep", "parse_budgets", "parse_model", "parse_shard", "read_results",
+           "read_rows", "report", "resolve_attributors", "results_files", "results_name",
+           "row_key", "run_grid", "sample_pairs", "shard_from_env", "shard_pairs",
+           "stored_config", "summarize", "sweep_methods"]

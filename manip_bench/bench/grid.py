@@ -306,35 +306,46 @@ def _device(name):
     return device
 
 
-def prepare_folder(out, grid, run_info):
-    """Create ``out`` with ``config.json``, or check that its config matches ``grid``.
+def stored_config(out, grid):
+    """``config.json`` of folder ``out`` if it holds ``grid`` (``None`` for a new folder).
 
-    A folder that holds a different grid, or files but no ``config.json``, is refused.
+    A folder that holds a different grid, a damaged config, or files but no
+    ``config.json`` is refused with a message that says what to do.
     """
     out = Path(out)
     path = out / CONFIG_NAME
-    wanted = grid.to_json()
     if path.exists():
         try:
-            stored = json.loads(path.read_text())["grid"]
+            config = json.loads(path.read_text())
+            stored = config["grid"]
         except (ValueError, KeyError, TypeError) as error:
             raise ManipBenchError(f"{path} is damaged ({error}); use a new output "
                                   f"folder") from error
+        wanted = grid.to_json()
         if stored != wanted:
             differ = [key for key in wanted if stored.get(key) != wanted[key]]
             raise ManipBenchError(
                 f"{out} holds results of a different configuration (differs in: "
                 f"{', '.join(differ)}); rerun with the original settings to resume, or choose "
                 f"a new output folder")
-        return json.loads(path.read_text())
+        return config
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ManipBenchError(f"{out} is not empty and has no {CONFIG_NAME}; choose a new or "
                               f"empty output folder")
+    return None
+
+
+def prepare_folder(out, grid, run_info):
+    """Create ``out`` with ``config.json``, or check that its config matches ``grid``."""
+    config = stored_config(out, grid)
+    if config is not None:
+        return config
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"grid": wanted, "seed": grid.seed, **run_info}
+    config = {"grid": grid.to_json(), "seed": grid.seed, **run_info}
     staging = out / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     staging.write_text(json.dumps(config, indent=2))
-    os.replace(staging, path)  # atomic: shards starting together each see a whole file
+    os.replace(staging, out / CONFIG_NAME)  # atomic: shards starting together see a whole file
     return config
 
 
@@ -514,5 +525,5 @@ def load_examples(out):
 
 __all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir",
            "load_examples", "make_grid", "make_progress", "method_of", "parse_budgets",
-           "parse_model", "parse_shard", "prepare_folder", "resolve_attributors", "run_grid", "sample_pairs",
-           "shard_from_env", "shard_pairs"]
+           "parse_model", "parse_shard", "prepare_folder", "resolve_attributors", "run_grid",
+           "sample_pairs", "shard_from_env", "shard_pairs", "stored_config"]

@@ -162,7 +162,9 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
         if smooth_beta is not None:
             report.smoothed = _assess(method.create(smooth_beta), **run)
             pairs = zip(report.smoothed.per_sample["class"], report.per_sample["class"])
-            report.smoothed.agreement = float(np.mean([a == b for a, b in pairs]))
+            agrees = [a == b for a, b in pairs]
+            report.smoothed.per_sample["same_class_as_unsmoothed"] = agrees
+            report.smoothed.agreement = float(np.mean(agrees))
     return report
 
 

@@ -25,6 +25,9 @@ _COLUMNS = (
      ("yes" if v else "no")),
     ("manipulability", "s_i", "{:.2f}".format),
 )
+#: the beta-smoothed table adds whether the smoothed model predicts the original model's class
+_AGREES = ("same_class_as_unsmoothed", "same\nclass\nas\nReLU",
+           lambda v: f"{v:.0%}" if isinstance(v, float) else ("yes" if v else "NO"))
 
 
 @dataclasses.dataclass
@@ -79,16 +82,17 @@ class RobustnessReport:
                   else f"{self.source} → {self.method}({options})")
         headline = Text.assemble((f"{method}{beta}: ", "bold"),
                                  (f"manipulability {self.score:.2f}", "bold magenta"))
+        columns = _COLUMNS + ((_AGREES,) if _AGREES[0] in self.per_sample else ())
         table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
-        for _, header, _ in _COLUMNS:
+        for _, header, _ in columns:
             table.add_column(header, justify="right", no_wrap=True)
         if self.names:
             table.add_column("image", overflow="ellipsis", no_wrap=True, max_width=16)
-        for row in zip(*(self.per_sample[key] for key, _, _ in _COLUMNS)):
+        for row in zip(*(self.per_sample[key] for key, _, _ in columns)):
             names = [self.names[row[0]]] if self.names else []
-            table.add_row(*(fmt(v) for v, (_, _, fmt) in zip(row, _COLUMNS)), *names)
+            table.add_row(*(fmt(v) for v, (_, _, fmt) in zip(row, columns)), *names)
         summary = self.summary()
-        table.add_row("med", "", "", *(fmt(summary[key]) for key, _, fmt in _COLUMNS[3:]),
+        table.add_row("med", "", "", *(fmt(summary[key]) for key, _, fmt in columns[3:]),
                       style="bold")
         budget = Text(f"{self.budget['iterations']} iterations "
                       f"({self.budget['schedule']['name']} schedule), budget "
@@ -106,8 +110,10 @@ class RobustnessReport:
             parts += ["", *self.smoothed._parts()]
             parts.append(f"β-smoothing (β={self.smoothed.smooth_beta:g}) changes the "
                          f"manipulability from {self.score:.2f} to {self.smoothed.score:.2f}; "
-                         f"its prediction agrees with the original model's on "
-                         f"{self.smoothed.agreement:.0%} of the inputs")
+                         f"its prediction agrees with the original (ReLU) model's on "
+                         f"{self.smoothed.agreement:.0%} of the inputs (column 'same class as "
+                         f"ReLU'; 'class kept' is the smoothed model keeping its own prediction "
+                         f"under attack)")
         parts.append(Text("s_i: target PCC after the attack, clipped to [0, 1], 0 where the "
                           "class flipped; manipulability: median s_i (0 robust, 1 fully "
                           "manipulable)", style="dim"))

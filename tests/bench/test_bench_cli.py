@@ -24,9 +24,12 @@ def test_bench_then_report(image_folder, tmp_path, capsys):  # noqa: F811
     # the same command resumes (nothing left); another configuration is refused
     assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out)]) == 0
     assert len(bench.read_results(out)) == 6
+    capsys.readouterr()
     assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out),
                      "--budget", "4/255"]) == 2
-    assert "different configuration" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "different configuration" in captured.err
+    assert "resumes" not in captured.out  # refused before announcing a resume
     rows = bench.read_results(out)
     assert {row["budget"]["norm"] for row in rows} == {"linf"}
     assert all(row["budget"]["eps"] == pytest.approx(8 / 255) for row in rows)
