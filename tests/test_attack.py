@@ -23,6 +23,7 @@ def initial_pcc(result):
     return metrics.map_similarity(result.original_map, result.target_map)["pcc"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options", [
     ("zennit.epsilon_plus_flat", dict(iterations=120)),
     ("captum.saliency", dict(iterations=120)),

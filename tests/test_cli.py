@@ -125,6 +125,7 @@ def test_list_shows_attributors_models_and_presets(capsys):
         assert word in out
 
 
+@pytest.mark.slow
 def test_version_module_entry_and_defaults_in_help(capsys):
     import subprocess
     import sys

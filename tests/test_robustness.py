@@ -279,6 +279,7 @@ def cifar():
     return model, x
 
 
+@pytest.mark.slow
 def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
     model, x = cifar
     explainer = captum_attr.Saliency(model)
@@ -374,6 +375,7 @@ class _MixedVGG(torch.nn.Module):
         return c.fc2(torch.nn.functional.relu(c.fc1(torch.flatten(x, 1))))
 
 
+@pytest.mark.slow
 def test_a_model_mixing_relu_modules_and_calls_scores_like_the_module_model(cifar):
     """Formerly only the stem was smoothed and the check reported a false low score."""
     model, x = cifar

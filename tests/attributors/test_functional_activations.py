@@ -101,6 +101,7 @@ class FunctionalVGG(nn.Module):
         return c.fc2(F.relu(c.fc1(torch.flatten(x, 1))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["captum.saliency", "captum.input_x_gradient",
                                   "captum.guided_backprop"])
 def test_gradient_methods_attack_a_model_written_with_f_relu(name):

@@ -37,6 +37,7 @@ def test_bench_then_report(image_folder, tmp_path, capsys):  # noqa: F811
     assert [loss["name"] for loss in rows[0]["losses"]] == ["target_map", "output"]
 
 
+@pytest.mark.slow
 def test_budgets_give_curves_and_a_score(image_folder, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "curves"
     assert cli.main(["bench", *TINY, "--attributors", "captum.saliency", "--pairs",
@@ -77,6 +78,7 @@ def test_sharded_bench_writes_its_own_file(image_folder, tmp_path, capsys):  # n
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smooth_command(image_folder, tmp_path):  # noqa: F811
     out = tmp_path / "smooth"
     assert cli.main(["smooth", "--betas", "5", "--stdevs", "0.01", "--samples", "2", "--n", "1",

@@ -86,6 +86,7 @@ def test_exception_after_k_rows_loses_nothing_on_resume(tiny_grid, tmp_path):
     assert len(rows) == 6 and len(set(keys(rows))) == 6
 
 
+@pytest.mark.slow
 def test_kill_9_midway_then_rerun_completes_the_grid(image_folder, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     script = textwrap.dedent(f"""

@@ -65,6 +65,7 @@ def test_report_on_an_empty_folder_is_a_clear_error(tmp_path):
         bench.report(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_smooth_sweep_reports_beta_and_smoothgrad(image_folder, tmp_path):  # noqa: F811
     sweep = bench.make_sweep(["captum.saliency"], betas=[2, 20], stdevs=[0.02], samples=2,
                              pairs=image_folder, n=2, iterations=2)
