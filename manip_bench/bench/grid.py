@@ -23,8 +23,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from .. import attributors, data, models
 from ..attack import ManipulationAttack, make_config
 from ..errors import ManipBenchError
-from ..threat import Budget
 from ..experiment import pick_device, pick_threads, private_random_state, versions
+from ..threat import Budget
 from .results import ResultsWriter, read_results, results_name, row_key
 
 #: ``pairs`` value for pairs drawn from scikit-image's bundled photos
@@ -252,8 +252,7 @@ def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="auto",
         budget = {"budget": method.budget} if method.budget is not None else default_budget
         config = make_config(method_preset, **overrides, **budget)  # bad values fail now
         resolved.append(dataclasses.replace(method, budget=config.budget.to_json()))
-    methods = resolved
-    return Grid(methods=list(methods), models=_model_list(model_specs),
+    return Grid(methods=resolved, models=_model_list(model_specs),
                 pairs=[tuple(map(str, p)) for p in sample_pairs(pairs, n, seed)],
                 pair_source=str(pairs), preset=preset, overrides=overrides, seed=seed, kind=kind)
 
