@@ -23,6 +23,20 @@ def normalize(maps):
     return maps / maps.flatten(1).sum(1).clamp_min(_TINY).view(-1, 1, 1)
 
 
+def center_of_mass(maps):
+    """(N, H, W) non-negative maps -> (N, 2) centre of mass (row, column) in pixels.
+
+    Differentiable; a map without mass gives (0, 0) (callers that need to know check
+    the mass themselves).
+    """
+    height, width = maps.shape[-2:]
+    rows = torch.arange(height, dtype=maps.dtype, device=maps.device)
+    columns = torch.arange(width, dtype=maps.dtype, device=maps.device)
+    total = maps.flatten(1).sum(1).clamp_min(_TINY)
+    return torch.stack([(maps.sum(2) * rows).sum(1) / total,
+                        (maps.sum(1) * columns).sum(1) / total], dim=1)
+
+
 def rescale_total(target, reference):
     """Scale each target map so its total equals the reference map's total (paper's extended code)."""
     totals = reference.flatten(1).sum(1) / target.flatten(1).sum(1).clamp_min(_TINY)

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import torch
 
+from .heatmaps import center_of_mass
+
 
 def _numpy(tensor):
     return tensor.detach().to("cpu", torch.float64).numpy()
@@ -53,31 +55,30 @@ def top_k_intersection(a, b, fraction=0.05):
     return len(top_a & top_b) / k
 
 
-def center_of_mass(a):
-    """(row, column) centre of mass of a non-negative 2-D map, in pixels (NaN for a zero map)."""
-    total = a.sum()
-    if not total > 0:
-        return np.array([math.nan, math.nan])
-    rows, columns = np.indices(a.shape)
-    return np.array([(a * rows).sum(), (a * columns).sum()]) / total
-
-
 def map_similarity(maps, reference, top_k_fraction=0.05):
     """Per-sample similarity of (N, H, W) heatmaps to reference maps.
 
     MSE, SSIM, PCC, Spearman rank correlation, top-k intersection (Ghorbani et al.) and
     ``com_shift``, the distance between the two maps' centres of mass in pixels.
     """
-    result = {"mse": [], "ssim": [], "pcc": [], "topk": [], "spearman": [], "com_shift": []}
+    result = {"mse": [], "ssim": [], "pcc": [], "topk": [], "spearman": []}
     for a, b in zip(_numpy(maps), _numpy(reference)):
         result["mse"].append(float(np.mean((a - b) ** 2)))
         result["ssim"].append(ssim(a, b))
         result["pcc"].append(pcc(a, b))
         result["topk"].append(top_k_intersection(a, b, top_k_fraction))
         result["spearman"].append(spearman(a, b))
-        result["com_shift"].append(float(np.linalg.norm(center_of_mass(np.abs(a))
-                                                        - center_of_mass(np.abs(b)))))
+    result["com_shift"] = com_shift(maps, reference)
     return result
+
+
+def com_shift(maps, reference):
+    """Per-sample distance in pixels between the centres of mass of |maps| and |reference|
+    (NaN where either map has no mass)."""
+    maps, reference = (m.detach().to("cpu", torch.float64).abs() for m in (maps, reference))
+    shift = (center_of_mass(maps) - center_of_mass(reference)).norm(dim=1)
+    empty = (maps.flatten(1).sum(1) == 0) | (reference.flatten(1).sum(1) == 0)
+    return shift.masked_fill(empty, math.nan).tolist()
 
 
 def image_similarity(images, reference):

@@ -1,4 +1,5 @@
 """Constraints that keep what should not change: the network output, the total relevance."""
+from ..attributors.base import total_relevance
 from ..errors import ManipBenchError
 from . import Loss, register
 
@@ -33,5 +34,5 @@ class TotalRelevance(Loss):
     name = "total_relevance"
 
     def value(self, current, reference):
-        return (current.relevance.flatten(1).sum(1) - reference.relevance.flatten(1).sum(1)
+        return (total_relevance(current.relevance) - total_relevance(reference.relevance)
                 ).square()

@@ -5,17 +5,8 @@ Both assume heatmaps that are non-negative and sum to one (the default post-proc
 import torch
 
 from ..errors import ManipBenchError
+from ..heatmaps import center_of_mass
 from . import Loss, register
-
-
-def center_of_mass(maps):
-    """(N, H, W) non-negative maps -> (N, 2) centre of mass (row, column) in pixels."""
-    height, width = maps.shape[-2:]
-    rows = torch.arange(height, dtype=maps.dtype, device=maps.device)
-    columns = torch.arange(width, dtype=maps.dtype, device=maps.device)
-    total = maps.flatten(1).sum(1).clamp_min(1e-12)
-    return torch.stack([(maps.sum(2) * rows).sum(1) / total,
-                        (maps.sum(1) * columns).sum(1) / total], dim=1)
 
 
 def top_k_mask(maps, fraction):

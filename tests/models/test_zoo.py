@@ -52,7 +52,8 @@ def test_unknown_name_suggests_a_close_match():
         models.load("resnet19")
 
 
-def test_embedded_model_loads_package_data_with_weights_only(monkeypatch):
+@pytest.mark.parametrize("name, cls", [("cifar_vgg", CifarVGG), ("cifar_resnet", CifarResNet)])
+def test_embedded_model_loads_package_data_with_weights_only(name, cls, monkeypatch):
     calls, real_load = [], torch.load
 
     def spy(*args, **kwargs):
@@ -60,9 +61,12 @@ def test_embedded_model_loads_package_data_with_weights_only(monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    model = models.load()
-    assert calls and calls[0][0][0] == models.CIFAR_VGG_WEIGHTS and calls[0][1]["weights_only"]
-    assert isinstance(model, CifarVGG) and not model.training
+    model = models.load(name)
+    path = models.embedded_weights_path(name)
+    assert calls and calls[0][0][0] == path and calls[0][1]["weights_only"]
+    assert isinstance(model, cls) and not any(module.training for module in model.modules())
+    with torch.no_grad():
+        assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
     assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
 
 
@@ -168,22 +172,6 @@ def test_cifar_resnet_facts():
     row = {row["name"]: row for row in models.describe()}["cifar_resnet"]
     assert row["classes"] == 10 and row["input_size"] == 32
     assert row["source"] == "embedded (cifar_resnet.pt, CIFAR-10)"
-
-
-def test_cifar_resnet_loads_embedded_weights_with_weights_only(monkeypatch):
-    calls, real_load = [], torch.load
-
-    def spy(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", spy)
-    model = models.load("cifar_resnet")
-    assert calls and calls[0][0][0] == models.CIFAR_RESNET_WEIGHTS and calls[0][1]["weights_only"]
-    assert isinstance(model, CifarResNet) and not model.training
-    assert not any(module.training for module in model.modules())
-    with torch.no_grad():
-        assert model(torch.rand(4, 3, 32, 32)).shape == (4, 10)
 
 
 def test_cifar_resnet_weights_file_is_small():
