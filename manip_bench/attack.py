@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -25,6 +26,11 @@ from . import attributors, heatmaps, losses, metrics
 from . import schedule as schedules
 from .errors import ManipBenchError
 from .threat import DEFAULT_BUDGET, Budget
+
+#: |total relevance / target logit| above this is reported as far off. Biases and ε absorb
+#: relevance, so ratios well below 1 are normal (0.0-0.4 on the bundled models); relevance
+#: multiplied at unsupported additions gives ratios of 10-500 (measured, issue 16).
+CONSERVATION_LIMIT = 5.0
 
 #: The paper's learning rates are Adam steps in the normalised input space (std ~ 0.25);
 #: this engine steps in [0, 1] pixel space, where the same move is lr * 0.25.
@@ -401,7 +407,7 @@ class ManipulationAttack:
 
     def _result(self, state, history, seconds):
         reference, best_x = state.reference, state.best_x
-        output_adv, _, adversarial_map = self.evaluate(best_x, state.original_class)
+        output_adv, relevance_adv, adversarial_map = self.evaluate(best_x, state.original_class)
         per_sample = {
             **metrics.prefixed("expl_original", metrics.map_similarity(adversarial_map,
                                                                        reference.heatmap)),
@@ -410,6 +416,9 @@ class ManipulationAttack:
             if self.budget.bounded else [math.nan] * len(best_x),
             **metrics.output_similarity(output_adv, reference.output),
         }
+        if getattr(self.explain, "conserving", False):
+            per_sample["relevance_conservation"] = _conservation(
+                self.name, output_adv, relevance_adv, state.original_class)
         if reference.target_map is not None:
             per_sample = {**metrics.prefixed("expl_target", metrics.map_similarity(
                 adversarial_map, reference.target_map)), **per_sample}
@@ -429,6 +438,19 @@ class ManipulationAttack:
                 f"{self.name}: the explanation has zero derivative in the input on this model, so "
                 "it cannot be attacked (is the model piecewise linear without any ReLU to swap "
                 "for softplus?)")
+
+
+def _conservation(name, output, relevance, target):
+    """Total relevance / target logit per image; warns when it is far from 1."""
+    logit = output.gather(1, target.view(-1, 1)).squeeze(1)
+    ratio = (attributors.total_relevance(relevance) / logit).tolist()
+    far = [r for r in ratio if not abs(r) <= CONSERVATION_LIMIT]
+    if far:
+        warnings.warn(f"{name}: total relevance is far from the target logit on {len(far)} of "
+                      f"{len(ratio)} images (ratio {min(far):.3g}..{max(far):.3g}); the map may "
+                      f"not be the LRP of this model (unsupported layers or additions?)",
+                      RuntimeWarning, stacklevel=3)
+    return ratio
 
 
 def _record(history, result):

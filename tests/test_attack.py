@@ -222,7 +222,8 @@ def test_bad_images_and_target_maps(model):
 def test_an_image_the_model_cannot_explain_is_one_clear_error():
     """A 1-channel image for a 3-channel ResNet with batch norm: no raw hook error."""
     attack = ManipulationAttack(models.load("cifar_resnet"), "zennit.epsilon", iterations=1)
-    with pytest.raises(ManipBenchError, match=r"explaining input of shape \(1, 1, 32, 32\) failed"):
+    with pytest.raises(ManipBenchError, match=r"x has 1 channel\(s\) but the model's first "
+                                              r"convolution takes 3"):
         attack(torch.rand(1, 1, 32, 32), torch.rand(1, 32, 32))
 
 

@@ -8,7 +8,7 @@ from captum import attr as captum_attr
 from captum.attr._utils.lrp_rules import EpsilonRule, GammaRule
 from zennit import composites as zc
 from zennit.attribution import Gradient
-from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.rules import Epsilon
 from zennit.types import Linear
 
@@ -108,7 +108,23 @@ def test_zennit_composite_is_recognised_and_its_map_reproduced(case, plain_cnn, 
 def test_composite_canonizers_are_mapped(plain_cnn):
     assert recognise(zc.EpsilonPlus(), model=plain_cnn).options["canonizers"] is None
     method = recognise(zc.EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), model=plain_cnn)
-    assert [type(c) for c in method.options["canonizers"]] == [SequentialMergeBatchNorm]
+    assert method.options["canonizers"] == "auto"  # found by behaviour, same merging
+
+    class OwnCanonizer(Canonizer):
+        def apply(self, root_module):
+            return []
+
+        def register(self):
+            pass
+
+        def remove(self):
+            pass
+
+        def copy(self):
+            return OwnCanonizer()
+
+    method = recognise(zc.EpsilonPlus(canonizers=[OwnCanonizer()]), model=plain_cnn)
+    assert [type(c) for c in method.options["canonizers"]] == [OwnCanonizer]
 
 
 @pytest.mark.parametrize("explainer, match", [

@@ -230,6 +230,12 @@ class Attributor:
                                   f"x.to({dtype}) (or convert the model)")
         if not torch.isfinite(x).all():
             raise ManipBenchError("x contains NaN or infinite values")
+        first_conv = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None and first_conv.in_channels != x.shape[1]:
+            raise ManipBenchError(
+                f"x has {x.shape[1]} channel(s) but the model's first convolution takes "
+                f"{first_conv.in_channels}; pass images of shape (N, {first_conv.in_channels}, "
+                "H, W)")
 
     def _check_input(self, x, target):
         self.check_images(x)

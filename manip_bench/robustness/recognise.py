@@ -26,11 +26,12 @@ from captum.attr._utils.attribution import Attribution, GradientAttribution
 from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 from zennit import composites as zennit_composites
+from zennit.canonizers import MergeBatchNorm
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit import core as zennit_core
 from zennit import rules as zennit_rules
 
 from .. import attributors
-from ..attributors.zennit import default_canonizers
 from ..errors import ManipBenchError
 
 SUPPORTED_CAPTUM = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
@@ -333,12 +334,16 @@ def _from_zennit(composite, model, kwargs):
     return Method(name, options, model, f"zennit.composites.{method}({shown})")
 
 
+#: Zennit's own canonizers for batch norm and torchvision's ResNet/VGG blocks
+STANDARD_CANONIZERS = (MergeBatchNorm, ResNetCanonizer, VGGCanonizer)
+
+
 def _canonizers(canonizers, model, method):
     """The composite's canonizers for the attributor: none, the automatic ones, or fresh copies."""
     if not canonizers:
         return None
-    if [type(c) for c in canonizers] == [type(c) for c in default_canonizers(model)]:
-        return "auto"
+    if all(isinstance(c, STANDARD_CANONIZERS) for c in canonizers):
+        return "auto"  # batch-norm merging and ResNet sums: what "auto" finds by behaviour
     try:
         return [canonizer.copy() for canonizer in canonizers]
     except Exception as error:  # noqa: BLE001 - any failure means the same to the user

@@ -88,7 +88,7 @@ def test_unknown_option_lists_valid_options(plain_cnn):
 @pytest.mark.parametrize("x, message", [
     (torch.rand(3, 16, 16), r"shape \(N, C, H, W\)"),
     (torch.zeros(1, 3, 16, 16, dtype=torch.long), "floating-point"),
-    (torch.rand(1, 4, 16, 16), "cannot take input of shape"),
+    (torch.rand(1, 4, 16, 16), r"x has 4 channel\(s\) but the model.s first convolution takes 3"),
 ])
 def test_bad_input_shape(x, message, plain_cnn):
     with pytest.raises(ManipBenchError, match=message):
@@ -172,7 +172,7 @@ def test_batch_norm_merging_on_the_copy_leaves_the_shared_weights_alone(name, im
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)

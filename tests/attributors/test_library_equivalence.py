@@ -7,15 +7,21 @@ from captum import attr as captum_attr
 from torch import nn
 from zennit import composites as zc
 from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.core import Composite
 from zennit.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 from zennit.types import Linear
 
 from manip_bench import attributors
-from manip_bench.attributors.zennit import default_canonizers
 from manip_bench.models.cifar_vgg import CifarVGG
 
 TARGET = torch.tensor([0, 3, 1])
+
+
+def default_canonizers(model):
+    """Stock Zennit's batch-norm merging, for the plain (non-residual) models here."""
+    return [SequentialMergeBatchNorm()] if any(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules()) else []
 
 
 def seeded(fn):
@@ -46,7 +52,7 @@ def zennit_reference(model, x, target, composite):
     return relevance
 
 
-def gamma_block_composite(model):
+def gamma_block_composite(model, **bounds):
     """Written out independently: gamma per block counted by max-pools, head epsilon."""
     gammas, block, name_map = (0.5, 0.5, 0.25, 0.1, 0.0), 0, {}
     for name, module in model.named_modules():
@@ -57,7 +63,7 @@ def gamma_block_composite(model):
             name_map[name] = Gamma(gamma) if gamma else Epsilon()
         elif isinstance(module, nn.Linear):
             name_map[name] = Epsilon()
-        elif isinstance(module, nn.ReLU):
+        elif isinstance(module, (nn.ReLU, nn.BatchNorm2d)):  # merged norms pass, as in Zennit
             name_map[name] = Pass()
         elif isinstance(module, nn.AdaptiveAvgPool2d):
             name_map[name] = Norm()
@@ -66,16 +72,16 @@ def gamma_block_composite(model):
 
 
 ZENNIT_REFERENCES = {
-    "zennit.epsilon": lambda m: zc.LayerMapComposite(
+    "zennit.epsilon": lambda m, **bounds: zc.LayerMapComposite(
         zc.layer_map_base() + [(Linear, Epsilon(0.25))], canonizers=default_canonizers(m)),
-    "zennit.epsilon_plus_flat": lambda m: zc.EpsilonPlusFlat(canonizers=default_canonizers(m)),
-    "zennit.zplus": lambda m: zc.EpsilonPlus(canonizers=default_canonizers(m)),
-    "zennit.alpha2beta1": lambda m: zc.EpsilonAlpha2Beta1(canonizers=default_canonizers(m)),
-    "zennit.epsilon_gamma_box": lambda m: zc.EpsilonGammaBox(
-        low=0.0, high=1.0, canonizers=default_canonizers(m)),
-    "zennit.paper_lrp": lambda m: zc.SpecialFirstLayerMapComposite(
+    "zennit.epsilon_plus_flat": lambda m, **bounds: zc.EpsilonPlusFlat(canonizers=default_canonizers(m)),
+    "zennit.zplus": lambda m, **bounds: zc.EpsilonPlus(canonizers=default_canonizers(m)),
+    "zennit.alpha2beta1": lambda m, **bounds: zc.EpsilonAlpha2Beta1(canonizers=default_canonizers(m)),
+    "zennit.epsilon_gamma_box": lambda m, low=0.0, high=1.0: zc.EpsilonGammaBox(
+        low=low, high=high, canonizers=default_canonizers(m)),
+    "zennit.paper_lrp": lambda m, low=0.0, high=1.0: zc.SpecialFirstLayerMapComposite(
         zc.layer_map_base() + [(Linear, ZPlus(zero_params="bias"))],
-        [(Linear, ZBox(0.0, 1.0, zero_params="bias"))], canonizers=default_canonizers(m)),
+        [(Linear, ZBox(low, high, zero_params="bias"))], canonizers=default_canonizers(m)),
     "zennit.gamma_vgg": gamma_block_composite,
 }
 
@@ -133,22 +139,34 @@ def test_zennit_adapter_on_torchvision_vgg_bn(name, torchvision_vgg):
     assert relative_error(adapter_map(name, torchvision_vgg, x, target), expected) <= 1e-5
 
 
+class NormalisationFree(nn.Module):
+    """The layers after ``CifarVGG``'s normalisation, as one module taking normalised input."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.features, self.classifier = model.features, model.classifier
+
+    def forward(self, z):
+        return self.classifier(torch.flatten(self.features(z), 1))
+
+
 @pytest.mark.parametrize("name", sorted(ZENNIT_REFERENCES) + ["captum.lrp"])
-def test_lrp_on_model_with_normalisation_uses_the_adapters_composite(name):
-    """With the [0,1]-input normalisation layer, relevance passes it unchanged."""
+def test_lrp_relevance_passes_the_input_normalisation(name):
+    """The map equals the library's own on the network after the normalisation, fed the
+    normalised image, with the true (per-channel) bounds of that input."""
     torch.manual_seed(0)
     model = CifarVGG((4, "M", 8, "M", 8, "M")).eval()
     x, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 4])
-    explain = attributors.create(name, model)
-    expected = zennit_reference(model, x.clone(), target, explain.composite())
-    assert relative_error(explain(x, target)[1].detach(), expected) <= 1e-5
-
-
-def test_paper_lrp_uses_normalised_image_bounds():
-    explain = attributors.create("zennit.paper_lrp", CifarVGG((4, "M")))
-    mean, std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
-    assert explain.low == pytest.approx((-mean / std).min(), abs=1e-5)
-    assert explain.high == pytest.approx(((1 - mean) / std).max(), abs=1e-5)
+    with torch.no_grad():
+        z = model.normalize(x)
+    rest = NormalisationFree(model).eval()
+    low, high = model.normalize(torch.zeros(1, 3, 1, 1)), model.normalize(torch.ones(1, 3, 1, 1))
+    if name == "captum.lrp":
+        expected = CAPTUM_REFERENCES[name](rest, z.clone(), target)
+    else:
+        composite = ZENNIT_REFERENCES[name](rest, low=low, high=high)
+        expected = zennit_reference(rest, z.clone(), target, composite)
+    assert relative_error(attributors.create(name, model)(x, target)[1].detach(), expected) <= 1e-5
 
 
 def test_lrp_total_relevance_and_conservation_gap(plain_cnn, images):

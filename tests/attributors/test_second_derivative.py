@@ -65,7 +65,7 @@ def test_batch_norm_models_keep_correct_second_derivatives(name):
     torch.manual_seed(4)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3),
     ).double().eval()
     batch_norm = model[1]
     batch_norm.running_mean.uniform_(-0.5, 0.5)
