@@ -6,6 +6,7 @@ is differentiable in ``x`` (see :mod:`manip_bench.attributors.base`).
 import difflib
 import inspect
 
+from .. import plugins
 from ..errors import ManipBenchError
 from . import captum, pattern, zennit
 from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
@@ -28,18 +29,31 @@ GROUPS["all"] = sorted(n for n, c in REGISTRY.items() if c.attackable)
 
 
 def register(cls):
-    """Add an :class:`Attributor` subclass to the registry under ``cls.name``."""
+    """Class decorator: add an :class:`Attributor` subclass to the registry as ``cls.name``.
+
+    Third-party packages call it from a module named by a ``manip_bench.plugins`` entry
+    point (:mod:`manip_bench.plugins`). Its group membership follows its facts: attackable
+    classes join ``all``, attackable ``needs_softplus`` ones also ``gradient``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Attributor)) or not cls.name:
+        raise ManipBenchError(f"register() takes an Attributor subclass with a name, got {cls!r}")
     REGISTRY[cls.name] = cls
+    if cls.attackable:
+        GROUPS["all"] = sorted({*GROUPS["all"], cls.name})
+        if cls.needs_softplus:
+            GROUPS["gradient"] = sorted({*GROUPS["gradient"], cls.name})
     return cls
 
 
 def available():
-    """Sorted list of registry names."""
+    """Sorted list of registry names (built-in and from installed plugins)."""
+    plugins.load()
     return sorted(REGISTRY)
 
 
 def get_class(name):
     """The attributor class registered as ``name`` (clear error with a close match if unknown)."""
+    plugins.load()
     if name not in REGISTRY:
         close = difflib.get_close_matches(str(name), REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

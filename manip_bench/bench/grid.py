@@ -123,6 +123,7 @@ def resolve_attributors(names):
     """
     if isinstance(names, str):
         names = names.split(",")
+    attributors.available()  # plugins join the groups when loaded
     resolved = []
     for name in (n.strip() for n in names):
         if not name:

@@ -17,6 +17,7 @@ import difflib
 
 import torch
 
+from .. import plugins
 from ..errors import ManipBenchError
 
 
@@ -85,6 +86,7 @@ def register(cls):
 
 def get_class(name):
     """The loss class registered as ``name`` (a clear error with a close match otherwise)."""
+    plugins.load()
     if name not in LOSSES:
         close = difflib.get_close_matches(str(name), LOSSES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -94,6 +96,7 @@ def get_class(name):
 
 def available(explanation_only=False):
     """Sorted names of the registered losses (``explanation_only``: the attack objectives)."""
+    plugins.load()
     return sorted(n for n, c in LOSSES.items() if c.explanation or not explanation_only)
 
 

@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .. import plugins
 from ..errors import ManipBenchError
 from .cifar_resnet import CifarResNet
 from .cifar_vgg import CIFAR10_CLASSES, CifarVGG, Normalize
@@ -42,9 +43,36 @@ EMBEDDED_MODELS = {
 }
 
 
+#: name -> facts of each model added with :func:`register` (e.g. by a plugin)
+REGISTERED_MODELS = {}
+
+
+def register(name, input_size, classes, dataset="registered"):
+    """Decorator: make ``build`` (a no-argument function returning a model in eval mode that
+    takes [0, 1] images, with its trained weights) loadable as zoo model ``name``.
+
+    Third-party packages call it from a module named by a ``manip_bench.plugins`` entry
+    point (:mod:`manip_bench.plugins`); ``weights="random"`` or a path then work as for
+    the embedded models.
+    """
+    def decorator(build):
+        if name in EMBEDDED_MODELS or name in TORCHVISION_MODELS:
+            raise ManipBenchError(f"model name {name!r} is taken by a built-in model")
+        REGISTERED_MODELS[name] = EmbeddedModel(build, None, int(input_size), tuple(classes),
+                                                dataset, "")
+        return build
+    return decorator
+
+
+def _specs():
+    """Embedded and registered models, by name."""
+    plugins.load()
+    return {**EMBEDDED_MODELS, **REGISTERED_MODELS}
+
+
 def available():
-    """Sorted list of model names."""
-    return sorted((*EMBEDDED_MODELS, *TORCHVISION_MODELS))
+    """Sorted list of model names (built-in and from installed plugins)."""
+    return sorted((*_specs(), *TORCHVISION_MODELS))
 
 
 def embedded_weights_path(name):
@@ -73,15 +101,15 @@ def cached_weights_path(name):
 
 def input_size(name):
     """Side length in pixels of the square images the model is meant for."""
-    if _check_name(name) in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[name].input_size
+    if _check_name(name) in _specs():
+        return _specs()[name].input_size
     return 224
 
 
 def class_names(name):
     """The model's class names, in output order."""
-    if _check_name(name) in EMBEDDED_MODELS:
-        return list(EMBEDDED_MODELS[name].classes)
+    if _check_name(name) in _specs():
+        return list(_specs()[name].classes)
     return list(_default_weights(name).meta["categories"])
 
 
@@ -89,7 +117,9 @@ def describe():
     """One row per model: name, input size, number of classes, where its weights come from."""
     rows = []
     for name in available():
-        if name in EMBEDDED_MODELS:
+        if name in REGISTERED_MODELS:
+            source = f"registered ({REGISTERED_MODELS[name].dataset})"
+        elif name in EMBEDDED_MODELS:
             weights_file = embedded_weights_path(name).name
             source = f"embedded ({weights_file}, {EMBEDDED_MODELS[name].dataset})"
         else:
@@ -115,8 +145,10 @@ def load(name=DEFAULT_MODEL, weights="default", device="cpu"):
     device : str or torch.device
     """
     _check_name(name)
-    embedded = EMBEDDED_MODELS.get(name)
-    if weights == "default" and embedded is not None:
+    embedded = _specs().get(name)
+    if weights == "default" and name in REGISTERED_MODELS:
+        model = embedded.build()
+    elif weights == "default" and embedded is not None:
         path = embedded_weights_path(name)
         if not path.exists():
             raise ManipBenchError(
@@ -126,6 +158,14 @@ def load(name=DEFAULT_MODEL, weights="default", device="cpu"):
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     elif weights == "default":
         model = _wrap(_pretrained(name))
+    elif name in REGISTERED_MODELS:
+        model = embedded.build()
+        if weights == "random":
+            for module in model.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        else:
+            _load_file(model, name, weights)
     else:
         model = embedded.build() if embedded else _wrap(torchvision.models.get_model(name))
         if weights != "random":
@@ -196,6 +236,7 @@ def _load_file(model, name, path):
 
 
 __all__ = ["CIFAR_RESNET_WEIGHTS", "CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL", "EMBEDDED_MODELS",
+           "REGISTERED_MODELS", "register",
            "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_MODELS", "available",
            "cached_weights_path", "class_names", "describe", "embedded_weights_path",
            "input_size", "load"]
