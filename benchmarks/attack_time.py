@@ -113,9 +113,9 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="append one JSON line per method here")
     args = parser.parse_args(argv)
 
-    from manip_bench import experiment, models
-    device = experiment.pick_device(args.device)
-    threads = experiment.pick_threads(device, models.input_size(args.model), args.threads)
+    from manip_bench import models, runtime
+    device = runtime.pick_device(args.device)
+    threads = runtime.pick_threads(device, models.input_size(args.model), args.threads)
     model = steps.load_model(args.model, device)
     x, _, target_map = steps.make_batch(args.model, args.batch, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \

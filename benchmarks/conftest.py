@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import steps  # noqa: E402
 
-from manip_bench import experiment, models  # noqa: E402
+from manip_bench import models, runtime  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -41,7 +41,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-warmup", type=int, default=None,
                     help="warm-up rounds (default 2 on CUDA, 1 on CPU)")
     group.addoption("--bench-threads", type=int, default=None,
-                    help="CPU threads (default: experiment.pick_threads)")
+                    help="CPU threads (default: runtime.pick_threads)")
     group.addoption("--bench-full", action="store_true",
                     help="also run VGG-16 at batch 16 on CPU")
 
@@ -89,7 +89,7 @@ def inputs(model_name, batch, device, request):
 
 @pytest.fixture
 def threads(model_name, device, request):
-    chosen = experiment.pick_threads(device, models.input_size(model_name),
+    chosen = runtime.pick_threads(device, models.input_size(model_name),
                                      request.config.getoption("--bench-threads"))
     return chosen
 

@@ -13,18 +13,17 @@ Gradient-type attributors run on the Softplus(beta) network with beta grown from
 100; the result is always judged on the network the user explains (ReLU, or the
 beta-smoothed one for the defence), and the best image so far is returned.
 """
-import contextlib
 import dataclasses
 import math
 import time
 import warnings
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import attributors, heatmaps, losses, metrics
 from . import schedule as schedules
 from .errors import ManipBenchError
+from .progress import reporter
 from .threat import DEFAULT_BUDGET, Budget
 
 #: |total relevance / target logit| above this is reported as far off. Biases and ε absorb
@@ -224,14 +223,19 @@ class ManipulationAttack:
         Options for ``attributors.create`` (e.g. ``{"steps": 30}``).
     losses : list of manip_bench.losses.Loss, optional
         Replace the configured losses (``loss``, the weights) with your own objects.
-    progress : bool or rich.progress.Progress
-        Show a progress bar (or add a task to a running ``Progress``).
+    progress : None, bool, callable or rich.progress.Progress
+        How each call reports its steps. ``None`` (default): a rich bar when standard error
+        is a terminal (an interactive session), nothing otherwise (scripts writing to a
+        pipe or log, pytest); ``True``: always a bar; ``False``: never; a callable
+        ``progress(step, total, stats)`` is called after every step (``stats``:
+        ``{"loss": ...}``); a running ``rich.progress.Progress`` gets a task for the call.
+        rich is imported only when a bar is drawn (see :mod:`manip_bench.progress`).
     **overrides
         Any :class:`AttackConfig` field (``budget="8/255"``, ``iterations``, ``loss``...).
     """
 
     def __init__(self, model, attributor, preset=DEFAULT_PRESET, smooth_beta=None,
-                 attributor_options=None, losses=None, progress=False, **overrides):
+                 attributor_options=None, losses=None, progress=None, **overrides):
         if isinstance(attributor, attributors.Attributor):
             self.explain = attributor
         else:
@@ -391,7 +395,7 @@ class ManipulationAttack:
         c = self.config
         state = self.start(x, target_map)
         history = {"loss": [], "beta": [], **{loss.name: [] for loss in self.losses}}
-        with _progress_bar(self.progress, self.name, c.iterations) as advance:
+        with reporter(self.progress, self.name, c.iterations) as advance:
             try:
                 while state.step < c.iterations:
                     result = self.step(state)
@@ -458,22 +462,3 @@ def _record(history, result):
     for key, value in result.terms.items():
         history[key].append(value.mean().item())
     history["beta"].append(result.beta)
-
-
-@contextlib.contextmanager
-def _progress_bar(progress, name, total):
-    """Yield ``advance(**stats)``; draws a rich bar if asked (own, or a task in a given Progress)."""
-    if not progress:
-        yield lambda **stats: None
-        return
-    own = not isinstance(progress, Progress)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.3g}"),
-                   TimeRemainingColumn(), transient=False) if own else progress
-    task = bar.add_task(name, total=total, loss=math.nan)
-    with (bar if own else contextlib.nullcontext()):
-        try:
-            yield lambda **stats: bar.update(task, advance=1, **stats)
-        finally:
-            if not own:
-                bar.remove_task(task)

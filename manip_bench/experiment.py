@@ -1,70 +1,21 @@
 """One manipulation experiment end to end: load, attack, write results (``manip-bench run``)."""
-import contextlib
 import json
 import os
-import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import __version__, data, models
+from . import data, models
 from .attack import DEFAULT_PRESET, ManipulationAttack
 from .errors import ManipBenchError
 from .figures import overview_figure
+from .runtime import default_out_dir, pick_device, pick_threads, private_random_state, versions
 
 #: result.json metric keys that are a public contract
 CONTRACT_METRICS = ("expl_target_pcc", "expl_target_ssim", "expl_target_mse", "expl_original_pcc",
                     "input_ssim", "input_mse", "input_linf", "output_mse", "class_kept")
-
-
-def pick_device(name="auto"):
-    """``auto``: CUDA when torch sees it, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ManipBenchError(f"unknown device {name!r} (use auto, cpu or cuda)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ManipBenchError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
-
-
-@contextlib.contextmanager
-def private_random_state(seed, device):
-    """Seed torch and NumPy for one job, and give the caller back their own streams after."""
-    devices = [device] if torch.device(device).type == "cuda" else []
-    state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            if seed is not None:
-                torch.manual_seed(seed)
-                np.random.seed(seed % 2**32)
-            yield
-    finally:
-        np.random.set_state(state)
-
-
-def pick_threads(device, input_size, threads=None):
-    """CPU threads: small inputs run fastest on one thread (thread start-up dominates)."""
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    if threads is None:
-        threads = 1 if input_size <= 64 else (os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def versions():
-    """Versions of everything that decides a result."""
-    import captum
-    import zennit
-    return {"manip_bench": __version__, "torch": torch.__version__, "captum": captum.__version__,
-            "zennit": getattr(zennit, "__version__", "0.5.1"), "python": platform.python_version()}
 
 
 def read_record(out):
@@ -72,18 +23,9 @@ def read_record(out):
     return json.loads((Path(out) / "result.json").read_text())
 
 
-def default_out_dir(root="manip-out"):
-    """A new, unused folder under ``root`` named by the time."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = Path(root) / stamp, 1
-    while path.exists():
-        path, n = Path(root) / f"{stamp}-{n}", n + 1
-    return path
-
-
 def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image=None,
         target_image=None, target_map=None, preset=DEFAULT_PRESET, device="auto", seed=0,
-        out=None, threads=None, progress=False, smooth_beta=None, **overrides):
+        out=None, threads=None, progress=None, smooth_beta=None, **overrides):
     """Attack one image's explanation (toward a target) and write the results to ``out``.
 
     The target is the explanation of ``target_image`` (default: a bundled photo) or, with

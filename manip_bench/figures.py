@@ -1,8 +1,8 @@
-"""Figures for one attack: images, their explanations on the user's network, the loss curve."""
-import matplotlib
+"""Figures for one attack: images, their explanations on the user's network, the loss curve.
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+Figures are ``matplotlib.figure.Figure`` objects saved with ``savefig`` (no pyplot), so no
+backend is selected and matplotlib is imported only when a figure is drawn.
+"""
 
 
 def _image(ax, tensor, title):
@@ -19,8 +19,10 @@ def _map(ax, tensor, title):
 
 def overview_figure(result, path, index=0, target_image=None):
     """Save original / manipulated / target with their maps, plus the loss curve, as PNG."""
+    from matplotlib.figure import Figure
     columns = 4
-    fig, axes = plt.subplots(2, columns, figsize=(3 * columns, 6))
+    fig = Figure(figsize=(3 * columns, 6))
+    axes = fig.subplots(2, columns)
     summary = {key: values[index] for key, values in result.metrics.items()}
     _image(axes[0, 0], result.x[index], "original")
     _image(axes[0, 1], result.x_adv[index],
@@ -56,4 +58,3 @@ def overview_figure(result, path, index=0, target_image=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -17,13 +17,11 @@ import zlib
 from pathlib import Path
 
 import torch
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 
 from .. import attributors, data, models
 from ..attack import ManipulationAttack, make_config
 from ..errors import ManipBenchError
-from ..experiment import pick_device, pick_threads, private_random_state, versions
+from ..runtime import pick_device, pick_threads, private_random_state, versions
 from ..threat import Budget
 from .results import ResultsWriter, read_results, results_name, row_key
 
@@ -362,6 +360,8 @@ class RunSummary:
 
 def make_progress(console=None):
     """The rich ``Progress`` the runner draws (overall, per cell, per attack)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
@@ -383,7 +383,7 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
         ``(i, N)`` or ``"i/N"``: run every N-th pair starting at i, into
         ``results-rank{i}-of-{N}.jsonl``. Default: torchrun's ``RANK``/``WORLD_SIZE``, else all.
     threads : int, optional
-        CPU threads (default: 1 for small inputs, see ``experiment.pick_threads``).
+        CPU threads (default: 1 for small inputs, see ``runtime.pick_threads``).
     progress : bool or rich.progress.Progress
         Draw an overall bar, a bar per cell and the attack's own bar.
     on_rows : callable, optional

@@ -12,18 +12,12 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from ..errors import ManipBenchError  # noqa: E402
-from ..threat import Budget, format_value  # noqa: E402
-from .grid import CONFIG_NAME, load_examples, method_of  # noqa: E402
-from .results import cell_key, read_results  # noqa: E402
+from ..errors import ManipBenchError
+from ..threat import Budget, format_value
+from .grid import CONFIG_NAME, load_examples, method_of
+from .results import cell_key, read_results
 
 #: metrics in the printed table, with their headers (summary.csv holds every metric)
 TABLE_METRICS = {"expl_target_pcc": "target\nPCC", "expl_target_ssim": "target\nSSIM",
@@ -35,6 +29,12 @@ BOX_METRICS = (("expl_target_mse", "expl_target_ssim", "expl_target_pcc"),
 #: the β sweep's panels (rows); each panel shows vs-target and vs-original
 SWEEP_METRICS = ("pcc", "ssim", "mse")
 SMOOTHGRAD = "captum.smoothgrad"
+
+
+def _figure(**options):
+    """A new ``matplotlib.figure.Figure``: no pyplot, so no backend to select or close."""
+    from matplotlib.figure import Figure  # matplotlib only when a figure is drawn
+    return Figure(**options)
 
 
 def _values(rows, key):
@@ -129,6 +129,7 @@ def _kept(entry):
 def summary_table(summary):
     """A rich ``Table`` of the summary: one row per cell, median and [10th, 90th] percentile."""
     models = list(dict.fromkeys(entry["model"] for entry in summary))
+    from rich.table import Table  # rich only when a table is drawn
     table = Table(title=f"explanation manipulation on {', '.join(models)}: "
                         f"median [10th, 90th percentile]")
     table.add_column("method", no_wrap=True)
@@ -160,7 +161,8 @@ def box_plots(rows, out):
     for model in _models(rows):
         cells = [group for group in group_cells(rows).values() if group[0]["model"] == model]
         labels = [method_of(group[0]).label() for group in cells]
-        fig, axes = plt.subplots(2, 3, figsize=(max(9.0, 0.55 * len(cells) * 3), 7), squeeze=False)
+        fig = _figure(figsize=(max(9.0, 0.55 * len(cells) * 3), 7))
+        axes = fig.subplots(2, 3, squeeze=False)
         for r, keys in enumerate(BOX_METRICS):
             for c, key in enumerate(keys):
                 ax = axes[r, c]
@@ -176,7 +178,6 @@ def box_plots(rows, out):
         fig.tight_layout()
         path = Path(out) / f"boxplots__{_file_slug(model)}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -203,8 +204,8 @@ def example_grids(out, order=None):
                ("target_map", "target map", _show_map))
     for model in dict.fromkeys(e["model"] for e in examples):
         chosen = [e for e in examples if e["model"] == model]
-        fig, axes = plt.subplots(len(chosen), len(columns), squeeze=False,
-                                 figsize=(1.7 * len(columns), 1.8 * len(chosen) + 0.4))
+        fig = _figure(figsize=(1.7 * len(columns), 1.8 * len(chosen) + 0.4))
+        axes = fig.subplots(len(chosen), len(columns), squeeze=False)
         for r, example in enumerate(chosen):
             for c, (key, title, show) in enumerate(columns):
                 ax = axes[r, c]
@@ -219,7 +220,6 @@ def example_grids(out, order=None):
         fig.tight_layout()
         path = Path(out) / f"examples__{_file_slug(model)}.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -283,6 +283,7 @@ def curve_entries(series):
 def curve_table(series):
     """Methods ranked by manipulability score, with the median at each budget."""
     budgets = sorted({p["eps"] for points in series.values() for p in points})
+    from rich.table import Table  # rich only when a table is drawn
     table = Table(title="manipulability: normalised area under the median curve over log "
                         "budget (0 robust, 1 fully manipulable)")
     table.add_column("method", no_wrap=True)
@@ -303,14 +304,16 @@ def curve_figure(series, path):
     by_model = OrderedDict()
     for (model, method), points in series.items():
         by_model.setdefault(model, []).append((method, points))
-    fig, axes = plt.subplots(1, len(by_model), squeeze=False,
-                             figsize=(6.5 * len(by_model), 4.5))
+    fig = _figure(figsize=(6.5 * len(by_model), 4.5))
+    axes = fig.subplots(1, len(by_model), squeeze=False)
+    from matplotlib import colormaps
+    from matplotlib.ticker import NullFormatter
     for ax, (model, lines) in zip(axes[0], by_model.items()):
         ranked = sorted(lines, key=lambda m: -manipulability_score(m[1]))
         for i, (method, points) in enumerate(ranked):
             xs = [p["eps"] * 255 for p in points]
             line, = ax.plot(xs, [p["median"] for p in points], "os^D"[i // 10 % 4] + "-",
-                            color=plt.get_cmap("tab10")(i % 10),
+                            color=colormaps["tab10"](i % 10),
                             label=f"{method} ({manipulability_score(points):.2f})")
             ax.fill_between(xs, [p["p10"] for p in points], [p["p90"] for p in points],
                             color=line.get_color(), alpha=0.08)
@@ -325,7 +328,6 @@ def curve_figure(series, path):
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -366,6 +368,7 @@ def sweep_summary(summary):
 
 def sweep_table(entries):
     """The β sweep as a rich table, with the measured cost of one explanation."""
+    from rich.table import Table  # rich only when a table is drawn
     table = Table(title="β-smoothing vs SmoothGrad: median [10th, 90th percentile]")
     for column in ("method", "model", "β / σ", "n"):
         table.add_column(column, no_wrap=column == "method")
@@ -389,8 +392,9 @@ def sweep_figure(entries, path):
     series = OrderedDict()
     for e in entries:
         series.setdefault((e["model"], e["series"]), []).append(e)
-    fig, axes = plt.subplots(len(SWEEP_METRICS), len(series), squeeze=False,
-                             figsize=(3.6 * len(series), 2.6 * len(SWEEP_METRICS)))
+    fig = _figure(figsize=(3.6 * len(series), 2.6 * len(SWEEP_METRICS)))
+    axes = fig.subplots(len(SWEEP_METRICS), len(series), squeeze=False)
+    from matplotlib.ticker import NullFormatter
     for c, ((model, name), points) in enumerate(series.items()):
         finite = [p for p in points if p["x"] != math.inf]
         relu = [p for p in points if p["x"] == math.inf]
@@ -421,7 +425,6 @@ def sweep_figure(entries, path):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 

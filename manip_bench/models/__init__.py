@@ -15,7 +15,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from .. import plugins
@@ -90,6 +89,7 @@ def _check_name(name):
 
 def _default_weights(name):
     """Torchvision's DEFAULT weights enum member for ``name`` (no download)."""
+    import torchvision  # the model zoo costs seconds to import: only when a zoo model is used
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
@@ -167,7 +167,11 @@ def load(name=DEFAULT_MODEL, weights="default", device="cpu"):
         else:
             _load_file(model, name, weights)
     else:
-        model = embedded.build() if embedded else _wrap(torchvision.models.get_model(name))
+        if embedded:
+            model = embedded.build()
+        else:
+            import torchvision
+            model = _wrap(torchvision.models.get_model(name))
         if weights != "random":
             _load_file(model, name, weights)
     return model.to(device).eval()
@@ -179,6 +183,7 @@ def _wrap(net):
 
 def _pretrained(name):
     """Torchvision model with DEFAULT weights; a clear error when they cannot be downloaded."""
+    import torchvision
     enum = _default_weights(name)
     path = cached_weights_path(name)
     try:  # torch hub reads a cached file and only goes to the network when there is none

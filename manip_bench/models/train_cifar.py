@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from manip_bench.errors import ManipBenchError
-from manip_bench.experiment import pick_device
+from manip_bench.runtime import pick_device
 from manip_bench.models.cifar_resnet import CifarResNet, zero_init_residuals
 from manip_bench.models.cifar_vgg import CIFAR10_CLASSES, CifarVGG, fold_batch_norm
 

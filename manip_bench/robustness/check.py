@@ -19,7 +19,7 @@ import torch
 from .. import attributors, data, heatmaps, metrics, models
 from ..attack import ManipulationAttack
 from ..errors import ManipBenchError
-from ..experiment import private_random_state
+from ..runtime import private_random_state
 from ..threat import DEFAULT_BUDGET, Budget
 from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT, recognise
 from .report import RobustnessReport

@@ -2,11 +2,6 @@
 import dataclasses
 import io
 
-from rich import box
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
-
 from .. import metrics
 from ..threat import Budget
 from .recognise import _plain
@@ -76,6 +71,9 @@ class RobustnessReport:
 
     def _parts(self):
         """Headline, per-sample table and budget line (rich renderables)."""
+        from rich import box  # imported when drawn: `import manip_bench` stays light
+        from rich.table import Table
+        from rich.text import Text
         beta = f", β-smoothed (β={self.smooth_beta:g})" if self.smooth_beta is not None else ""
         options = ", ".join(f"{k}={_plain(v)}" for k, v in self.options.items())
         method = (self.source if self.source.startswith(self.method)
@@ -102,6 +100,8 @@ class RobustnessReport:
         return [headline, table, budget]
 
     def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
         parts = self._parts()
         if self.skipped:
             parts.append("skipped: " + "; ".join(f"input {i}: {why}"
@@ -120,6 +120,7 @@ class RobustnessReport:
         return Group(*parts)
 
     def __str__(self):
+        from rich.console import Console
         console = Console(file=io.StringIO(), width=100, color_system=None, force_terminal=False)
         console.print(self)
         return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())

@@ -1,0 +1,82 @@
+"""Where and how a job runs: device, CPU threads, random state, installed versions.
+
+A leaf module: it imports only the standard library, NumPy and torch (and, inside
+``pick_device``, :class:`manip_bench.errors.ManipBenchError`, itself a leaf), so every
+layer above it -- the attack engine, the bench, the robustness check, the CLI -- can use
+it without importing any of the others.
+"""
+import contextlib
+import importlib.metadata
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: distributions whose versions decide a result, as ``versions()`` reports them
+VERSIONED = {"manip_bench": "manip-bench", "torch": "torch", "torchvision": "torchvision",
+             "captum": "captum", "zennit": "zennit"}
+
+
+def pick_device(name="auto"):
+    """``auto``: CUDA when torch sees it, else CPU."""
+    from .errors import ManipBenchError  # a leaf: keeps this module's own imports stdlib/torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ManipBenchError(f"unknown device {name!r} (use auto, cpu or cuda)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ManipBenchError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def pick_threads(device, input_size, threads=None):
+    """CPU threads: small inputs run fastest on one thread (thread start-up dominates)."""
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    if threads is None:
+        threads = 1 if input_size <= 64 else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def private_random_state(seed, device):
+    """Seed torch and NumPy for one job, and give the caller back their own streams after."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+            yield
+    finally:
+        np.random.set_state(state)
+
+
+def installed_version(distribution):
+    """The installed version of ``distribution`` (its package metadata), or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions():
+    """Versions of everything that decides a result, read from the installed metadata."""
+    return {**{key: installed_version(name) for key, name in VERSIONED.items()},
+            "python": platform.python_version()}
+
+
+def default_out_dir(root="manip-out"):
+    """A new, unused folder under ``root`` named by the time."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    return path

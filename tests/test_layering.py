@@ -1,0 +1,168 @@
+"""Import layering: ``import manip_bench`` stays light, and the package's imports form layers.
+
+Module-level imports only: an import inside a function (or under ``if __name__ ==
+"__main__"``) runs when it is used and cannot make a cycle at import time.
+"""
+import ast
+import importlib.util
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import manip_bench
+
+PACKAGE = "manip_bench"
+ENTRY_POINTS = {"manip_bench.cli", "manip_bench.__main__"}
+
+
+def _python(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_import_manip_bench_imports_neither_matplotlib_nor_rich():
+    loaded = _python("import manip_bench, sys; "
+                     "print('matplotlib' in sys.modules, 'rich' in sys.modules)")
+    assert loaded == ["False", "False"], "import manip_bench imported (matplotlib, rich): " + \
+        ", ".join(loaded)
+
+
+def test_attack_engine_does_not_import_rich():
+    """The engine reports progress through a callback; rich is the CLI's (or progress=True's)."""
+    loaded = _python("from manip_bench import ManipulationAttack, check_robustness, bench; "
+                     "import sys; print('rich' in sys.modules)")
+    assert loaded == ["False"]
+
+
+def _modules():
+    """name -> source path of every module of the package."""
+    found = {PACKAGE: Path(manip_bench.__file__)}
+    for info in pkgutil.walk_packages(manip_bench.__path__, PACKAGE + "."):
+        spec = importlib.util.find_spec(info.name)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            found[info.name] = Path(spec.origin)
+    return found
+
+
+def _is_main_guard(node):
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _module_level_imports(tree):
+    """Import statements run at import time: the module body, its if/try/with blocks."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.If, ast.Try, ast.With)) and not _is_main_guard(node):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                pending.extend(getattr(node, field, []))
+        elif isinstance(node, ast.ExceptHandler):
+            pending.extend(node.body)
+
+
+def _resolve(name, package, modules):
+    """The package module ``name`` refers to (a submodule if it is one), or None."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph():
+    """module -> set of package modules it imports at module level."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        package = name if is_package else name.rpartition(".")[0]
+        edges = set()
+        for node in _module_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                if node.level:
+                    base = package.split(".")
+                    base = ".".join(base[:len(base) - node.level + 1])
+                    source = f"{base}.{node.module}" if node.module else base
+                else:
+                    source = node.module
+                # ``from . import x`` may name a submodule x; else it names something in source
+                targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
+            for target in targets:
+                if target == PACKAGE or target.startswith(PACKAGE + "."):
+                    resolved = _resolve(target, package, modules)
+                    while resolved and resolved != name:  # a.b.c runs a.b's and a's __init__
+                        edges.add(resolved)
+                        resolved = resolved.rpartition(".")[0]
+        # A module's own enclosing packages are being imported already when it runs (a
+        # package's __init__ importing its plugins, which import names the __init__ defined
+        # first, is the registry pattern, not a layering cycle): those edges do not count.
+        edges -= {p for p in edges if name.startswith(p + ".")}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules (first == last), or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_graph_sees_the_package(graph):
+    assert {"manip_bench.attack", "manip_bench.runtime", "manip_bench.attributors.zennit",
+            "manip_bench.bench.grid"} <= set(graph)
+    assert "manip_bench.runtime" in graph["manip_bench.bench.grid"]
+    assert "manip_bench.attributors" in graph["manip_bench.attack"]
+
+
+def test_find_cycle_reports_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle(graph):
+    cycle = find_cycle(graph)
+    assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def test_runtime_is_a_leaf(graph):
+    assert graph["manip_bench.runtime"] == set(), (
+        f"manip_bench.runtime must import nothing from the package at module level, "
+        f"imports {sorted(graph['manip_bench.runtime'])}")
+
+
+@pytest.mark.parametrize("top", sorted(ENTRY_POINTS | {"manip_bench.experiment"}))
+def test_only_the_command_line_imports_the_top_layers(graph, top):
+    allowed = ENTRY_POINTS | {top}
+    users = sorted(name for name, edges in graph.items() if top in edges and name not in allowed)
+    assert not users, f"{top} is the command line's layer, but {users} import it"
