@@ -19,8 +19,11 @@ from captum.attr import (
     Saliency as CaptumSaliency,
 )
 from captum.attr._core.gradient_shap import InputBaselineXGradient
+from captum.attr._utils.approximation_methods import approximation_parameters
 
+from ..errors import ManipBenchError
 from .base import Attributor, input_with_grad, one_hot, rule_active
+from .chunked import ChunkedRelevance, GradientShapPlan, IntegratedGradientsPlan, SmoothGradPlan
 
 
 def differentiable_gradients(forward_fn, inputs, target_ind=None, additional_forward_args=None):
@@ -82,49 +85,143 @@ class InputXGradient(CaptumAttributor):
     name, rule, method_class = "captum.input_x_gradient", "input x gradient", CaptumInputXGradient
 
 
-class IntegratedGradients(CaptumAttributor):
-    """Integrated gradients from a zero baseline (``steps`` points, the paper uses 30)."""
+#: ``internal_batch_size="auto"``: no chunks while all sample rows hold at most this many
+#: input values (about 3.5 images of 224x224x3, the graph of a few saliency steps) ...
+AUTO_WHOLE_VALUES = 2 ** 19
+#: ... else chunks of the batch, or of more rows while they hold at most this many values
+AUTO_CHUNK_VALUES = 2 ** 17
+AUTO = "auto"
+
+
+class SampleChunking:
+    """The ``internal_batch_size`` option of the sample-based adapters (as Captum names it).
+
+    Their map and its input-derivative are computed in passes of ``internal_batch_size``
+    sample rows (one row: one image at one integration step, or one noisy copy), one
+    pass's double-backprop graph alive at a time (:mod:`manip_bench.attributors.chunked`):
+    same map, same gradient, memory bounded by the chunk instead of growing with the
+    number of samples, for one extra first-order gradient per sample.
+
+    ``"auto"`` (default): all rows in one pass while they hold at most
+    :data:`AUTO_WHOLE_VALUES` input values (small images: nothing to save, and chunks
+    would cost time), else as many rows per pass as images in the batch (one sample of
+    each image: the graph of a saliency step), or more while they hold at most
+    :data:`AUTO_CHUNK_VALUES` values. An ``int``: that many rows per pass (on a GPU a
+    larger chunk is faster). ``None``: all samples in one pass and one graph, Captum's
+    own computation (memory grows with the number of samples), which is also used
+    whenever all rows fit in one chunk. A chunked map can be differentiated twice (a
+    loss's gradient with ``create_graph=True``), but that second order keeps every
+    chunk's graph, as all at once does; the attack differentiates once.
+    """
+
+    def _set_chunking(self, internal_batch_size):
+        valid = internal_batch_size is None or internal_batch_size == AUTO or (
+            isinstance(internal_batch_size, int) and not isinstance(internal_batch_size, bool)
+            and internal_batch_size >= 1)
+        if not valid:
+            raise ManipBenchError(f"{self.name}: internal_batch_size must be 'auto', a whole "
+                                  f"number >= 1 or None, got {internal_batch_size!r}")
+        self.internal_batch_size = internal_batch_size
+
+    def chunk_rows(self, x, rows):
+        """Sample rows per pass for ``rows`` rows of images ``x`` (``None``: all at once)."""
+        if self.internal_batch_size != AUTO:
+            return self.internal_batch_size
+        values = x[0].numel()
+        if rows * values <= AUTO_WHOLE_VALUES:
+            return None
+        return max(x.shape[0], AUTO_CHUNK_VALUES // values)
+
+    def chunked(self, x, rows):
+        """Rows per pass if ``rows`` sample rows of ``x`` take several passes, else ``None``."""
+        chunk = self.chunk_rows(x, rows)
+        return chunk if chunk is not None and rows > chunk else None
+
+
+class IntegratedGradients(SampleChunking, CaptumAttributor):
+    """Integrated gradients from a zero baseline (``steps`` points, the paper uses 30).
+
+    ``internal_batch_size``: see :class:`SampleChunking`.
+    """
 
     name, rule, method_class = ("captum.integrated_gradients", "integrated gradients",
                                 CaptumIntegratedGradients)
     preset = "integrated_gradients"
 
-    def __init__(self, model, smooth_beta=None, steps=30, method="gausslegendre"):
+    def __init__(self, model, smooth_beta=None, steps=30, method="gausslegendre",
+                 internal_batch_size=AUTO):
         super().__init__(model, smooth_beta, n_steps=steps, method=method)
+        self._set_chunking(internal_batch_size)
+        try:
+            step_sizes, alphas = approximation_parameters(method)
+            self.step_sizes, self.alphas = step_sizes(steps), alphas(steps)
+        except (ValueError, AssertionError) as error:
+            reason = error or "Captum needs steps > 1"
+            raise ManipBenchError(f"{self.name}: cannot integrate with method={method!r} and "
+                                  f"steps={steps!r} ({reason})") from error
+
+    def attribute(self, x, target):
+        chunk = self.chunked(x, len(self.alphas) * x.shape[0])
+        if chunk is None:
+            return super().attribute(x, target)
+        x = input_with_grad(x)
+        alphas = torch.tensor(self.alphas, device=x.device, dtype=x.dtype)
+        # Captum rounds the step sizes to float32 before weighting the gradients
+        weights = torch.tensor(self.step_sizes).float().to(device=x.device, dtype=x.dtype)
+        plan = IntegratedGradientsPlan(self.model, self.activations, target, alphas, weights,
+                                       chunk)
+        return self.model(x), ChunkedRelevance.apply(x, plan)
 
 
-class NoisyAttributor(CaptumAttributor):
+class NoisyAttributor(SampleChunking, CaptumAttributor):
     """Average of a Captum method over noisy copies of the input, graph kept.
 
     Draws random numbers in the same order as Captum's ``NoiseTunnel`` (and GradientShap's
-    baseline draw), so with the same seeds it returns Captum's map exactly.
+    baseline draw), so with the same seeds it returns Captum's map exactly. The draws
+    happen once per call; the chunked backward reuses them. ``internal_batch_size``:
+    see :class:`SampleChunking`.
     """
 
     draw_baselines = False
 
-    def __init__(self, model, smooth_beta=None, samples=10, stdev=0.05):
+    def __init__(self, model, smooth_beta=None, samples=10, stdev=0.05,
+                 internal_batch_size=AUTO):
         super().__init__(model, smooth_beta)
         self.samples, self.stdev = int(samples), float(stdev)
+        self._set_chunking(internal_batch_size)
 
     def attribute(self, x, target):
         x = input_with_grad(x)
         n = self.samples
         kwargs = {}
-        if self.draw_baselines:
+        if self.draw_baselines:  # Captum draws one baseline per row (the baseline is zero)
             baselines = torch.zeros_like(x[:1])
             kwargs["baselines"] = baselines[np.random.choice(1, n * x.shape[0]).tolist()]
         shape = (x.shape[0] * n,) + tuple(x.shape[1:])
         noise = torch.normal(0, torch.tensor(self.stdev, device=x.device).repeat(shape))
-        noisy = x.repeat_interleave(n, dim=0) + noise.to(x.dtype)
+        noise = noise.to(x.dtype)
+        chunk = self.chunked(x, noise.shape[0])
+        if chunk is not None:
+            plan = self.plan(target, noise, chunk)
+            return self.model(x), ChunkedRelevance.apply(x, plan)
+        noisy = x.repeat_interleave(n, dim=0) + noise
         relevance = self.method.attribute(noisy, target=target.repeat_interleave(n), **kwargs)
         relevance = relevance.view(x.shape[0], n, *x.shape[1:]).mean(1)
         return self.model(x), relevance
+
+    def plan(self, target, noise, chunk_rows):
+        """The :class:`~manip_bench.attributors.chunked.SamplePlan` of one call."""
+        raise NotImplementedError
 
 
 class SmoothGrad(NoisyAttributor):
     """SmoothGrad: mean |gradient| over Gaussian noise (Captum NoiseTunnel over Saliency)."""
 
     name, rule, method_class = "captum.smoothgrad", "SmoothGrad over absolute gradient", CaptumSaliency
+
+    def plan(self, target, noise, chunk_rows):
+        return SmoothGradPlan(self.model, self.activations, target, noise, self.samples,
+                              chunk_rows)
 
 
 class GradientShap(NoisyAttributor):
@@ -133,8 +230,15 @@ class GradientShap(NoisyAttributor):
     name, rule, method_class = "captum.gradient_shap", "GradientSHAP", InputBaselineXGradient
     draw_baselines = True
 
-    def __init__(self, model, smooth_beta=None, samples=5, stdev=0.0):
-        super().__init__(model, smooth_beta, samples, stdev)
+    def __init__(self, model, smooth_beta=None, samples=5, stdev=0.0, internal_batch_size=AUTO):
+        super().__init__(model, smooth_beta, samples, stdev, internal_batch_size)
+
+    def plan(self, target, noise, chunk_rows):
+        # Captum's InputBaselineXGradient draws one path coefficient per row, after the noise
+        alphas = torch.tensor(np.random.uniform(0.0, 1.0, noise.shape[0]), device=noise.device,
+                              dtype=noise.dtype)
+        return GradientShapPlan(self.model, self.activations, target, noise, alphas,
+                                self.samples, chunk_rows)
 
 
 class ModifiedBackprop(Attributor):
