@@ -1,12 +1,55 @@
 """Images, target maps and (original, target) pairs."""
+import os
+import pickle
+import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision.datasets.cifar
 
-from manip_bench import ManipBenchError
-from manip_bench.data import (BUNDLED_IMAGES, DEFAULT_IMAGE, DEFAULT_TARGET_IMAGE, image_pairs,
-                              load_batch, load_image, load_target_map, save_image)
+from manip_bench import ManipBenchError, data
+from manip_bench.data import (BUNDLED_IMAGES, DEFAULT_IMAGE, DEFAULT_TARGET_IMAGE, image_files,
+                              image_pairs, load_batch, load_image, load_target_map, save_image)
+
+#: CIFAR-10's class names, in torchvision's order (batches.meta)
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck"]
+#: labels of the tiny copy: those of the real test set's first 8 images (4 classes)
+TINY_LABELS = [3, 8, 8, 0, 6, 6, 1, 6]
+
+
+def _no_download(*args, **kwargs):
+    raise urllib.error.URLError("no network in the tests")
+
+
+@pytest.fixture
+def tiny_cifar10(tmp_path, monkeypatch):
+    """A data root holding an 8-image CIFAR-10 test set in torchvision's format.
+
+    ``cifar-10-batches-py`` with ``test_batch`` (a pickle of ``data``, N x 3072 uint8 in
+    channel-major order, and ``labels``) and ``batches.meta`` (``label_names``): what
+    ``torchvision.datasets.CIFAR10(root, train=False)`` reads. torchvision checks every
+    file of the real release (the training batches too) against its md5 sums, which a
+    made-up copy cannot match, so the checks are patched to "the file exists"; downloads
+    are patched to fail, so no test ever reaches the network.
+    """
+    folder = tmp_path / "data" / data.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (len(TINY_LABELS), 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as file:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "data": pixels,
+                     "labels": TINY_LABELS}, file)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": len(TINY_LABELS),
+                     "num_vis": 3072}, file)
+    cifar = torchvision.datasets.cifar
+    monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: os.path.isfile(
+        os.path.join(self.root, self.base_folder, "test_batch")))
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(cifar, "download_and_extract_archive", _no_download)
+    return folder.parent
 
 
 def _relative(pairs, root):
@@ -134,3 +177,87 @@ def test_csv_errors_name_the_row_and_columns(image_tree):
     csv_path.write_text("original,target\n")
     with pytest.raises(ManipBenchError, match="no rows"):
         image_pairs(csv_path)
+
+
+def _index(name):
+    """The test-set index in a CIFAR-10 image name ``.../test_batch#<index>``."""
+    return int(name.rsplit("#", 1)[1])
+
+
+def test_cifar10_pairs_from_torchvision_format(tiny_cifar10, monkeypatch):
+    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tiny_cifar10))
+    pairs = image_pairs(data.CIFAR10, seed=0)
+    assert pairs == image_pairs(data.CIFAR10, seed=0)
+    assert [(_index(a), _index(b)) for a, b in pairs] == [  # pinned: the same on every machine
+        (1, 0), (2, 4), (4, 0), (3, 7), (0, 6), (7, 2), (6, 0), (5, 0)]
+    assert sorted(_index(a) for a, _ in pairs) == list(range(8))  # every image once
+    assert all(TINY_LABELS[_index(a)] != TINY_LABELS[_index(b)] for a, b in pairs)
+    assert all(a.startswith(str(tiny_cifar10 / data.CIFAR10_FOLDER / "test_batch#"))
+               for pair in pairs for a in pair)
+    assert image_pairs(tiny_cifar10 / data.CIFAR10_FOLDER, seed=0) == pairs  # the folder itself
+    assert data.cifar10_pairs(n=3, seed=0, root=tiny_cifar10) == image_pairs("cifar10", 3)
+    assert image_pairs("cifar10", n=3, seed=1) != image_pairs("cifar10", n=3, seed=2)
+    with pytest.raises(ManipBenchError, match="9 pairs asked but it has 8 images"):
+        image_pairs("cifar10", n=9)
+    images = image_files("cifar10")  # ImageFolder order: class name, then test-set order
+    assert [_index(name) for name in images] == [3, 6, 0, 4, 5, 7, 1, 2]
+    assert image_files("cifar10", n=3, seed=4) == image_files("cifar10", n=3, seed=4)
+
+
+def test_cifar10_images_load_losslessly(tiny_cifar10):
+    name = data.cifar10_pairs(n=1, root=tiny_cifar10)[0][0]
+    with open(tiny_cifar10 / data.CIFAR10_FOLDER / "test_batch", "rb") as file:
+        row = pickle.load(file)["data"][_index(name)]
+    pixels = (load_image(name, 32) * 255).round().to(torch.uint8)  # the stored bytes exactly
+    assert torch.equal(pixels, torch.from_numpy(row.reshape(3, 32, 32)))
+    assert load_batch([name, name], 16).shape == (2, 3, 16, 16)
+    with pytest.raises(ManipBenchError, match="has 8 images"):
+        load_image(name.rsplit("#", 1)[0] + "#8", 32)
+
+
+def test_cifar10_pairs_match_an_imagefolder_export(tiny_cifar10, tmp_path):
+    """The documented promise: the same draw as from ``<class>/<k>.png`` numbered in order."""
+    tree, seen = tmp_path / "tree", {}
+    for index, label in enumerate(TINY_LABELS):
+        name = CIFAR10_CLASSES[label]
+        k = seen[name] = seen.get(name, -1) + 1
+        save_image(load_image(f"{tiny_cifar10}/{data.CIFAR10_FOLDER}/test_batch#{index}", 32),
+                   tree / name / f"{k:04d}.png")
+    export = {index: f"{CIFAR10_CLASSES[label]}/"
+                     f"{TINY_LABELS[:index].count(label):04d}.png"
+              for index, label in enumerate(TINY_LABELS)}
+    for n, seed in ((None, 0), (3, 1), (5, 7)):
+        drawn = data.cifar10_pairs(n, seed, root=tiny_cifar10)
+        assert [(export[_index(a)], export[_index(b)]) for a, b in drawn] == \
+            _relative(image_pairs(tree, n, seed), tree)
+
+
+def test_data_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert data.default_data_root() == tmp_path / "cache" / "manip_bench"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored (XDG spec)
+    assert data.default_data_root() == Path.home() / ".cache" / "manip_bench"
+    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "datasets"))
+    assert data.default_data_root() == tmp_path / "datasets"
+
+
+def test_cifar10_absent_and_offline_is_one_line_that_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", _no_download)
+    root = tmp_path / "empty"
+    with pytest.raises(ManipBenchError) as caught:
+        data.cifar10_test(root)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"CIFAR-10 not found in {root} and downloading it failed "
+                              f"(<urlopen error no network in the tests>)")
+    for words in ("cifar-10-batches-py", torchvision.datasets.CIFAR10.url, "--data-root",
+                  data.DATA_ROOT_ENV):
+        assert words in message
+    with pytest.raises(ManipBenchError, match=r"not found in .*empty; put torchvision's"):
+        data.cifar10_test(root, download=False)  # no download tried: no "failed" clause
+    with pytest.raises(ManipBenchError, match="not found in"):
+        load_image(f"{root}/{data.CIFAR10_FOLDER}/test_batch#0", 32)
+    (root / data.CIFAR10_FOLDER).mkdir(parents=True)  # there, but not the real files
+    with pytest.raises(ManipBenchError, match="incomplete or fails torchvision's md5 check"):
+        image_pairs(root / data.CIFAR10_FOLDER)

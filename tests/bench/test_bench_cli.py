@@ -1,11 +1,14 @@
 """`manip-bench bench`, `report` and `smooth` end to end, and their errors."""
 import csv
 import json
+import urllib.error
 
 import pytest
+import torchvision.datasets.cifar
 
 from bench_fixtures import image_folder  # noqa: F401 - fixture
-from manip_bench import bench, cli
+from manip_bench import bench, cli, data
+from test_data import tiny_cifar10  # noqa: F401 - fixture (tests/test_data.py)
 
 TINY = ["--attributors", "captum.saliency,zennit.epsilon", "--n", "3", "--iterations", "2",
         "--device", "cpu"]
@@ -115,4 +118,36 @@ def test_csv_with_a_missing_file_names_the_row(image_folder, tmp_path, capsys): 
                      "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "row 2" in err and "missing.png" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bench_on_cifar10_in_torchvision_format(tiny_cifar10, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--attributors", "captum.saliency", "--n", "3", "--iterations", "2",
+                     "--device", "cpu", "--pairs", "cifar10", "--data-root", str(tiny_cifar10),
+                     "--out", str(out)]) == 0
+    assert "3 results" in capsys.readouterr().out
+    rows = bench.read_results(out)
+    assert len(rows) == 3
+    batches = tiny_cifar10 / data.CIFAR10_FOLDER
+    assert all(row[key].startswith(f"{batches / 'test_batch'}#") for row in rows
+               for key in ("original", "target"))
+    grid = json.loads((out / "config.json").read_text())["grid"]
+    assert grid["pair_source"] == str(batches)
+    assert [tuple(pair) for pair in grid["pairs"]] == data.cifar10_pairs(3, 0, root=tiny_cifar10)
+
+
+def test_cifar10_absent_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network in the tests")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default root: empty
+    assert cli.main(["bench", "--attributors", "captum.saliency", "--pairs", "cifar10",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: CIFAR-10 not found in {tmp_path / 'cache' / 'manip_bench'}")
+    assert "cifar-10-batches-py" in err and torchvision.datasets.CIFAR10.url in err
     assert not (tmp_path / "run").exists()
