@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__, attributors, bench, experiment, losses, models, patterns, robustness
+from . import (__version__, attributors, bench, data, experiment, losses, models, patterns,
+               robustness, runtime)
+from . import geometry
 from .attack import DEFAULT_PRESET, PRESETS, make_config
 from .errors import ManipBenchError
 from .threat import DEFAULT_BUDGET, format_value
@@ -149,8 +151,14 @@ def _grid_arguments(p, attributors_default, what):
     p.add_argument("--models", default=models.DEFAULT_MODEL,
                    help="zoo names, comma-separated; NAME:random or NAME:PATH for other weights")
     p.add_argument("--pairs", default=bench.BUNDLED,
-                   help="bundled | a folder or ImageFolder tree of images | a CSV with columns "
-                        "original,target (the original is attacked toward the target's map)")
+                   help=f"bundled | {data.CIFAR10} (CIFAR-10's test set, see --data-root) | a "
+                        f"folder or ImageFolder tree of images | a CSV with columns "
+                        f"original,target (the original is attacked toward the target's map)")
+    p.add_argument("--data-root",
+                   help=f"for --pairs {data.CIFAR10}: the folder that holds torchvision's "
+                        f"{data.CIFAR10_FOLDER}, downloaded there if absent (default: "
+                        f"${data.DATA_ROOT_ENV}, else $XDG_CACHE_HOME/manip_bench, "
+                        f"~/.cache/manip_bench)")
     p.add_argument("--n", type=int, default=20, help="number of pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=10, help="pairs attacked together")
     _attack_arguments(p)
@@ -173,7 +181,8 @@ def _bench_parser(sub):
 
 
 def cmd_bench(args):
-    grid = bench.make_grid(args.attributors, args.models, args.pairs, args.n, args.seed,
+    grid = bench.make_grid(args.attributors, args.models,
+                           data.pairs_source(args.pairs, args.data_root), args.n, args.seed,
                            args.preset, budgets=args.budgets, **_attack_overrides(args))
     _run_grid(grid, args)
 
@@ -191,8 +200,9 @@ def _smooth_parser(sub):
 
 
 def cmd_smooth(args):
-    grid = bench.make_sweep(args.attributors, args.betas, args.stdevs, args.models, args.pairs,
-                            args.n, args.seed, args.preset, samples=args.samples,
+    grid = bench.make_sweep(args.attributors, args.betas, args.stdevs, args.models,
+                            data.pairs_source(args.pairs, args.data_root), args.n, args.seed,
+                            args.preset, samples=args.samples,
                             **_attack_overrides(args))
     _run_grid(grid, args)
 
@@ -254,8 +264,8 @@ def _check_parser(sub):
 
 
 def cmd_check(args):
-    device = experiment.pick_device(args.device)
-    experiment.pick_threads(device, models.input_size(args.model), args.threads)
+    device = runtime.pick_device(args.device)
+    runtime.pick_threads(device, models.input_size(args.model), args.threads)
     report = robustness.check_folder(
         args.images, args.model, args.weights, args.method, args.n, args.seed, device,
         iterations=args.iterations, budget=args.budget, lr=args.lr, smooth_beta=args.smooth_beta,
@@ -281,13 +291,65 @@ def _patterns_parser(sub):
 
 
 def cmd_patterns(args):
-    device = experiment.pick_device(args.device)
-    experiment.pick_threads(device, 10_000, args.threads)
+    device = runtime.pick_device(args.device)
+    runtime.pick_threads(device, 10_000, args.threads)
     path, count, seconds = patterns.estimate_folder(
         args.data, args.out, args.model, args.weights, args.limit, args.batch_size, args.regime,
         args.seed, device)
     console.print(f"{count} images, {seconds:.1f} s; saved {path}; use it with "
                   f"attributors.create('pattern.attribution', model, patterns={str(path)!r})")
+
+
+def _geometry_parser(sub):
+    p = sub.add_parser("geometry", help="principal curvatures of the explained logit's level "
+                                        "sets at one image, over softplus beta")
+    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
+    p.add_argument("--image", help="image (file or bundled photo name; default: the bundled "
+                                   "photo chelsea)")
+    p.add_argument("--target", type=int, help="class whose logit is explained (default: the "
+                                              "ReLU network's top-1)")
+    p.add_argument("--betas", default=",".join(f"{b:g}" for b in geometry.DEFAULT_BETAS),
+                   help="softplus betas, comma-separated")
+    p.add_argument("--k", type=int, default=5, help="principal curvatures per beta "
+                                                    "(largest magnitude first)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--tol", type=float, default=geometry.DEFAULT_TOL,
+                   help="Lanczos (ARPACK) relative tolerance")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
+    p.add_argument("--seed", type=int, default=0, help="Lanczos start vector seed")
+    p.add_argument("--out", help="output folder (default: a new folder under ./manip-out/)")
+    p.set_defaults(func=cmd_geometry)
+
+
+def cmd_geometry(args):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    out = Path(args.out) if args.out else runtime.default_out_dir()
+    if out.exists() and any(out.iterdir()):
+        raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
+    betas = geometry.parse_betas(args.betas)
+    device = runtime.pick_device(args.device)
+    runtime.pick_threads(device, models.input_size(args.model), args.threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console) as bar:
+        task = bar.add_task("curvatures", total=len(betas))
+        record = geometry.image_sweep(
+            args.model, args.weights, args.image, betas, args.k, args.target, args.dtype,
+            args.seed, args.tol, device,
+            progress=lambda beta, i: bar.update(task, advance=1, description=f"β = {beta:g}"))
+    table = Table(title=f"principal curvatures: {args.model}, {record['image']}, logit of "
+                        f"{record['target_class']} (class {record['target']})",
+                  title_justify="left")
+    for column in ("beta", "lambda_max", f"top-{args.k} (signed)", "HVPs", "s"):
+        table.add_column(column, justify="right")
+    for row in record["results"]:
+        table.add_row(f"{row['beta']:g}", f"{row['lambda_max']:.4g}",
+                      " ".join(f"{v:.3g}" for v in row["curvatures"]), str(row["hvp"]),
+                      f"{row['seconds']:.2f}")
+    console.print(table)
+    geometry.save_image_sweep(record, out)
+    console.print(f"results written to [bold]{escape(str(out))}[/bold]")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -312,7 +374,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_run_parser, _list_parser, _bench_parser, _report_parser, _smooth_parser,
-                _check_parser, _patterns_parser):
+                _check_parser, _patterns_parser, _geometry_parser):
         add(sub)
     return parser
 
