@@ -36,7 +36,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from manip_bench import ManipulationAttack, data, geometry, models
+from manip_bench import ManipulationAttack, data, defences, geometry, models
 from manip_bench import geometry_figures as figures
 from manip_bench.bench import sample_pairs
 
@@ -89,7 +89,7 @@ def trajectory_study(args, model, start):
     size = models.input_size(args.model)
     x = data.load_batch([p[0] for p in pairs], size)
     x_target = data.load_batch([p[1] for p in pairs], size)
-    attack = ManipulationAttack(model, "captum.saliency", smooth_beta=args.beta,
+    attack = ManipulationAttack(defences.beta_smooth(model, args.beta), "captum.saliency",
                                 iterations=args.iterations)
     trajectory = geometry.record_trajectory(
         attack, x, attack.target_maps(x_target),
@@ -198,14 +198,14 @@ VGG16_JOB = """
 import json, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
-from manip_bench import ManipulationAttack, geometry, models
+from manip_bench import ManipulationAttack, defences, geometry, models
 torch.manual_seed(0)
 model = models.load("vgg16", "random")
 x = torch.rand(1, 3, 224, 224)
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 if sys.argv[1] == "attack_step":
-    attack = ManipulationAttack(model, "captum.saliency", smooth_beta=10.0, iterations=2)
+    attack = ManipulationAttack(defences.beta_smooth(model, 10.0), "captum.saliency", iterations=2)
     state = attack.start(x, torch.rand(1, 224, 224))
     start = time.perf_counter()
     attack.step(state)

@@ -10,8 +10,9 @@ with ``h`` the heatmap of the attributor's relevance and ``g`` the network outpu
 Steps come from a schedule (:mod:`manip_bench.schedule`): by default one tied to the
 budget that tunes itself; the paper's fixed-rate Adam with ``preset="paper"``.
 Gradient-type attributors run on the Softplus(beta) network with beta grown from 10 to
-100; the result is always judged on the network the user explains (ReLU, or the
-beta-smoothed one for the defence), and the best image so far is returned.
+100, unless the model computes softplus already (the beta-smoothing defence,
+:mod:`manip_bench.defences`); the result is always judged on the network the user
+explains, and the best image so far is returned.
 """
 import dataclasses
 import math
@@ -22,6 +23,7 @@ import torch
 
 from . import attributors, heatmaps, losses, metrics
 from . import schedule as schedules
+from .defaults import DEFAULT_PRESET
 from .errors import ManipBenchError
 from .progress import reporter
 from .threat import DEFAULT_BUDGET, Budget
@@ -35,8 +37,6 @@ CONSERVATION_LIMIT = 5.0
 #: this engine steps in [0, 1] pixel space, where the same move is lr * 0.25.
 PIXEL_SCALE = 0.25
 
-#: The default: budget-tied self-tuning steps inside L-inf 8/255 (no per-method tuning).
-DEFAULT_PRESET = "auto"
 _PAPER = dict(schedule="adam", budget="none", weight_expl=1e11, weight_output=1e6)
 #: ``auto`` plus the paper's hyper-parameters (Table 1: VGG-16 / ImageNet; Table 3:
 #: CIFAR-10), which attack without a budget unless one is given.
@@ -210,15 +210,14 @@ class ManipulationAttack:
     Parameters
     ----------
     model : torch.nn.Module
-        Takes images in [0, 1]; never modified (attributors work on a copy).
+        Takes images in [0, 1]; never modified (attributors work on a copy). For a
+        defended model pass it defended (``manip_bench.defences.beta_smooth(model, 2)``).
     attributor : str or Attributor
         A registry name (``manip_bench.attributors.available()``) or an attributor instance.
     preset : str
         ``"auto"`` (default: budget-tied self-tuning steps, L-inf 8/255), ``"paper"`` (the
         attributor's own preset from the paper: fixed-rate Adam, no budget unless given),
         or a key of :data:`PRESETS`.
-    smooth_beta : float, optional
-        Attack (and judge) the beta-smoothed explanation instead: the paper's defence.
     attributor_options : dict, optional
         Options for ``attributors.create`` (e.g. ``{"steps": 30}``).
     losses : list of manip_bench.losses.Loss, optional
@@ -234,15 +233,14 @@ class ManipulationAttack:
         Any :class:`AttackConfig` field (``budget="8/255"``, ``iterations``, ``loss``...).
     """
 
-    def __init__(self, model, attributor, preset=DEFAULT_PRESET, smooth_beta=None,
+    def __init__(self, model, attributor, preset=DEFAULT_PRESET,
                  attributor_options=None, losses=None, progress=None, **overrides):
         if isinstance(attributor, attributors.Attributor):
             self.explain = attributor
         else:
             cls = attributors.get_class(attributor)
             self._check_attackable(cls)
-            self.explain = attributors.create(attributor, model, smooth_beta=smooth_beta,
-                                              **(attributor_options or {}))
+            self.explain = attributors.create(attributor, model, **(attributor_options or {}))
         self._check_attackable(self.explain)
         self.name = self.explain.name
         if preset == "paper":
@@ -252,8 +250,9 @@ class ManipulationAttack:
         self.budget = self.config.budget
         self.losses = list(losses) if losses is not None else self.config.build_losses()
         self._check_losses()
-        self.eval_beta = self.explain.smooth_beta
-        self.grows_beta = self.explain.needs_softplus and self.eval_beta is None
+        #: attack through the softplus surrogate with a growing beta (a ReLU network's
+        #: gradient-type map has no derivative to follow; a smoothed model needs none)
+        self.grows_beta = self.explain.needs_softplus and not self.explain.smoothed
         self.progress = progress
 
     @staticmethod
@@ -275,9 +274,10 @@ class ManipulationAttack:
         return any(loss.needs_target for loss in self.losses)
 
     def beta(self, step):
-        """Softplus beta at ``step``: geometric growth beta_start -> beta_end, or fixed."""
+        """Surrogate softplus beta at ``step``: geometric growth beta_start -> beta_end
+        (None: the explained network itself is attacked)."""
         if not self.grows_beta:
-            return self.eval_beta
+            return None
         c = self.config
         return c.beta_start * (c.beta_end / c.beta_start) ** (step / c.iterations)
 
@@ -286,7 +286,7 @@ class ManipulationAttack:
 
     def evaluate(self, x, target_class=None):
         """Output, relevance and heatmap on the network the user explains (no double backprop)."""
-        self.explain.set_beta(self.eval_beta)
+        self.explain.set_beta(None)
         if target_class is None:
             with torch.no_grad():
                 target_class = self.explain.model(x).argmax(1)
@@ -405,7 +405,7 @@ class ManipulationAttack:
                             state.step - 1 - state.last_improvement >= c.patience:
                         break
             finally:
-                self.explain.set_beta(self.eval_beta)
+                self.explain.set_beta(None)
         self._keep_best(state, state.x_adv, *self._judge(state.x_adv, state))
         return self._result(state, history, time.perf_counter() - start)
 

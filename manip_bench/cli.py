@@ -1,29 +1,39 @@
-"""``manip-bench``: a thin command line over the library (parse, call, print)."""
+"""``manip-bench``: a thin command line over the library (parse, call, print).
+
+The parser is built from :mod:`manip_bench.defaults` alone, so ``manip-bench --help`` and
+argument errors answer without loading torch; each command imports what it uses, and help
+text that lists registry names (losses, presets, attributor groups) is made when shown.
+"""
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from . import (__version__, attributors, bench, data, experiment, losses, models, patterns,
-               robustness, runtime)
-from . import geometry
-from .attack import DEFAULT_PRESET, PRESETS, make_config
+from . import __version__
+from .defaults import (BETAS, BUNDLED, CHECK_ITERATIONS, CURVATURE_TOL, DEFAULT_BUDGET,
+                       DEFAULT_MODEL, DEFAULT_PRESET, PATTERN_REGIMES, SMOOTHGRAD_STDEVS)
 from .errors import ManipBenchError
-from .threat import DEFAULT_BUDGET, format_value
 
-console = Console()
-error_console = Console(stderr=True)
+
+@functools.lru_cache(maxsize=None)
+def _console(stderr=False):
+    """The rich console of standard output (or error), made on first use."""
+    from rich.console import Console
+    return Console(stderr=stderr)
+
+
+def _lazy(make):
+    """Help text made by ``make()`` only when it is shown (it may import the registries)."""
+    make.lazy_help = True
+    return make
 
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="manipulate one image's explanation toward a target")
     p.add_argument("--attributor", default="zennit.epsilon",
                    help="registry name (see `manip-bench list`)")
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
     p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
     p.add_argument("--image", help="image to manipulate (file or bundled photo name; default: "
                                    "the bundled photo chelsea)")
@@ -32,8 +42,9 @@ def _run_parser(sub):
                                                "(default: the bundled photo coffee)")
     target.add_argument("--target-map", help="grayscale image used directly as the target heatmap")
     _attack_arguments(p)
-    p.add_argument("--beta", type=float, dest="smooth_beta",
-                   help="attack the beta-smoothed explanation (softplus(beta) network)")
+    p.add_argument("--beta", type=float,
+                   help="defence: attack the explanation of the beta-smoothed model (every ReLU "
+                        "computed as softplus(beta))")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
     p.add_argument("--seed", type=int, default=0)
@@ -43,17 +54,30 @@ def _run_parser(sub):
 
 def _attack_arguments(p):
     """Options of the attack itself, shared by run, bench and smooth."""
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help=f"auto (default: budget-tied self-tuning steps) | paper (the method's "
-                        f"preset from the paper, no budget unless given) | "
-                        f"{' | '.join(k for k in PRESETS if k != 'auto')}")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=_lazy(_preset_help))
     p.add_argument("--budget", help=f"threat model: 8/255 (L-inf), linf:8/255, l2:0.5 or none "
                                     f"(default: {DEFAULT_BUDGET} for auto, none for paper presets)")
     p.add_argument("--linf", help="shorthand for --budget linf:VALUE")
-    p.add_argument("--loss", help=f"what the attack does to the explanation: "
-                                  f"{' | '.join(losses.available(True))} (default target_map)")
+    p.add_argument("--loss", help=_lazy(_loss_help))
     p.add_argument("--iterations", type=int, help="attack steps (default: the preset's)")
     p.add_argument("--lr", type=float, help="fixed Adam step in [0,1] pixel units (paper presets)")
+
+
+def _preset_help():
+    from .attack import PRESETS
+    return (f"auto (default: budget-tied self-tuning steps) | paper (the method's preset from "
+            f"the paper, no budget unless given) | {' | '.join(k for k in PRESETS if k != 'auto')}")
+
+
+def _loss_help():
+    from . import losses
+    return (f"what the attack does to the explanation: {' | '.join(losses.available(True))} "
+            f"(default target_map)")
+
+
+def _defence(beta):
+    """The defence spec of a ``--beta`` option (None: no defence)."""
+    return None if beta is None else f"beta={beta!r}"
 
 
 def _attack_overrides(args):
@@ -62,11 +86,15 @@ def _attack_overrides(args):
 
 
 def cmd_run(args):
+    from rich.markup import escape
+
+    from . import experiment
     result, out = experiment.run(
         attributor=args.attributor, model=args.model, weights=args.weights, image=args.image,
         target_image=args.target_image, target_map=args.target_map, preset=args.preset,
         device=args.device, seed=args.seed, out=args.out, threads=args.threads, progress=True,
-        smooth_beta=args.smooth_beta, **_attack_overrides(args))
+        defence=_defence(args.beta), **_attack_overrides(args))
+    console = _console()
     console.print(run_table(result, out, args.model))
     console.print(read_result(result), highlight=False)
     console.print(f"results written to [bold]{escape(str(out))}[/bold]")
@@ -74,6 +102,9 @@ def cmd_run(args):
 
 def run_table(result, out, model):
     """What one run did: image, target, class and probability, budget, time, metrics."""
+    from rich.table import Table
+
+    from . import experiment
     record = experiment.read_record(out)
     m = {key: values[0] for key, values in result.metrics.items()}
     table = Table(title=f"{result.attributor} on {model}", title_justify="left", show_header=False)
@@ -99,6 +130,7 @@ def run_table(result, out, model):
 
 def read_result(result, index=0):
     """One sentence that reads a result for a person."""
+    from .threat import format_value
     m = {key: values[index] for key, values in result.metrics.items()}
     if "expl_target_pcc" in m:
         moved = f"the explanation now matches the target map with PCC {m['expl_target_pcc']:.2f}"
@@ -117,6 +149,11 @@ def _list_parser(sub):
 
 
 def cmd_list(args):
+    from rich.table import Table
+
+    from . import attributors, models
+    from .attack import PRESETS, make_config
+    console = _console()
     table = Table(title="attributors")
     table.add_column("name", no_wrap=True)
     for column in ("library", "rule", "softplus swap", "attackable"):
@@ -145,20 +182,28 @@ def cmd_list(args):
 
 
 def _grid_arguments(p, attributors_default, what):
-    p.add_argument("--attributors", default=attributors_default,
-                   help=f"{what}: registry names and groups, comma-separated "
-                        f"({', '.join(attributors.GROUPS)}; see `manip-bench list`)")
-    p.add_argument("--models", default=models.DEFAULT_MODEL,
+    def attributors_help():
+        from . import attributors
+        return (f"{what}: registry names and groups, comma-separated "
+                f"({', '.join(attributors.GROUPS)}; see `manip-bench list`)")
+
+    def pairs_help():
+        from . import data
+        return (f"{BUNDLED} | {data.CIFAR10} (CIFAR-10's test set, see --data-root) | a folder "
+                f"or ImageFolder tree of images | a CSV with columns original,target (the "
+                f"original is attacked toward the target's map)")
+
+    def data_root_help():
+        from . import data
+        return (f"for --pairs {data.CIFAR10}: the folder that holds torchvision's "
+                f"{data.CIFAR10_FOLDER}, downloaded there if absent (default: "
+                f"${data.DATA_ROOT_ENV}, else $XDG_CACHE_HOME/manip_bench, ~/.cache/manip_bench)")
+
+    p.add_argument("--attributors", default=attributors_default, help=_lazy(attributors_help))
+    p.add_argument("--models", default=DEFAULT_MODEL,
                    help="zoo names, comma-separated; NAME:random or NAME:PATH for other weights")
-    p.add_argument("--pairs", default=bench.BUNDLED,
-                   help=f"bundled | {data.CIFAR10} (CIFAR-10's test set, see --data-root) | a "
-                        f"folder or ImageFolder tree of images | a CSV with columns "
-                        f"original,target (the original is attacked toward the target's map)")
-    p.add_argument("--data-root",
-                   help=f"for --pairs {data.CIFAR10}: the folder that holds torchvision's "
-                        f"{data.CIFAR10_FOLDER}, downloaded there if absent (default: "
-                        f"${data.DATA_ROOT_ENV}, else $XDG_CACHE_HOME/manip_bench, "
-                        f"~/.cache/manip_bench)")
+    p.add_argument("--pairs", default=BUNDLED, help=_lazy(pairs_help))
+    p.add_argument("--data-root", help=_lazy(data_root_help))
     p.add_argument("--n", type=int, default=20, help="number of pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=10, help="pairs attacked together")
     _attack_arguments(p)
@@ -181,6 +226,7 @@ def _bench_parser(sub):
 
 
 def cmd_bench(args):
+    from . import bench, data
     grid = bench.make_grid(args.attributors, args.models,
                            data.pairs_source(args.pairs, args.data_root), args.n, args.seed,
                            args.preset, budgets=args.budgets, **_attack_overrides(args))
@@ -191,15 +237,16 @@ def _smooth_parser(sub):
     p = sub.add_parser("smooth", help="the beta-smoothing defence: attack beta-smoothed "
                                       "explanations over beta, with SmoothGrad for comparison")
     _grid_arguments(p, "captum.saliency", "gradient-type methods to smooth (LRP is not smoothed)")
-    p.add_argument("--betas", default=",".join(f"{b:g}" for b in bench.DEFAULT_BETAS),
+    p.add_argument("--betas", default=",".join(f"{b:g}" for b in BETAS),
                    help="softplus betas, comma-separated (ReLU, beta -> inf, is always added)")
-    p.add_argument("--stdevs", default=",".join(f"{s:g}" for s in bench.DEFAULT_STDEVS),
+    p.add_argument("--stdevs", default=",".join(f"{s:g}" for s in SMOOTHGRAD_STDEVS),
                    help="SmoothGrad noise levels as fractions of the input range ('' for none)")
     p.add_argument("--samples", type=int, default=10, help="SmoothGrad samples (default 10)")
     p.set_defaults(func=cmd_smooth)
 
 
 def cmd_smooth(args):
+    from . import bench, data
     grid = bench.make_sweep(args.attributors, args.betas, args.stdevs, args.models,
                             data.pairs_source(args.pairs, args.data_root), args.n, args.seed,
                             args.preset, samples=args.samples,
@@ -208,6 +255,8 @@ def cmd_smooth(args):
 
 
 def _run_grid(grid, args):
+    from . import bench
+    console = _console()
     shard = bench.parse_shard(args.shard) if args.shard else bench.shard_from_env()
     out = args.out or bench.default_out_dir(shard=shard)
     resuming = bench.stored_config(out, grid) is not None  # a different grid: refused now
@@ -219,7 +268,8 @@ def _run_grid(grid, args):
         bench.run_grid(grid, out, batch_size=args.batch_size, device=args.device, shard=shard,
                        threads=args.threads, progress=True, console=console)
     except KeyboardInterrupt:
-        error_console.print(f"finished results are kept in {out}; rerun with --out {out} to resume")
+        _console(stderr=True).print(f"finished results are kept in {out}; rerun with --out "
+                                    f"{out} to resume")
         raise
     if shard is None:
         bench.report(out, console=console)
@@ -236,26 +286,27 @@ def _report_parser(sub):
 
 
 def cmd_report(args):
-    bench.report(args.folder, console=console, figures=args.figures)
+    from . import bench
+    bench.report(args.folder, console=_console(), figures=args.figures)
 
 
 def _check_parser(sub):
     p = sub.add_parser("check", help="how manipulable are a model's explanations? (worst case "
                                      "within an L-inf budget, optionally with beta-smoothing)")
     p.add_argument("images", help="folder of images (searched recursively, e.g. ImageFolder)")
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
     p.add_argument("--weights", default="default", help="default | random | PATH to a checkpoint")
     p.add_argument("--method", default="captum.saliency",
                    help="registry name (see `manip-bench list`)")
     p.add_argument("--n", type=int, default=8,
                    help="number of images drawn (default 8; all if fewer)")
-    p.add_argument("--iterations", type=int, default=robustness.DEFAULT_ITERATIONS)
+    p.add_argument("--iterations", type=int, default=CHECK_ITERATIONS)
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help="threat model: 8/255 (L-inf, [0,1] pixel units), l2:0.5 or none")
     p.add_argument("--lr", type=float, help="use the paper's fixed-rate Adam with this step "
                                             "(default: the self-tuning schedule)")
-    p.add_argument("--beta", type=float, dest="smooth_beta",
-                   help="also assess the beta-smoothed explanation (softplus(beta) network)")
+    p.add_argument("--beta", type=float,
+                   help="also assess the explanation of the beta-smoothed model (softplus(beta))")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
     p.add_argument("--seed", type=int, default=0, help="image sampling and noise seed")
@@ -264,13 +315,14 @@ def _check_parser(sub):
 
 
 def cmd_check(args):
+    from . import models, robustness, runtime
     device = runtime.pick_device(args.device)
     runtime.pick_threads(device, models.input_size(args.model), args.threads)
     report = robustness.check_folder(
         args.images, args.model, args.weights, args.method, args.n, args.seed, device,
-        iterations=args.iterations, budget=args.budget, lr=args.lr, smooth_beta=args.smooth_beta,
+        iterations=args.iterations, budget=args.budget, lr=args.lr, defence=_defence(args.beta),
         progress=True)
-    console.print(report)
+    _console().print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
 
@@ -279,11 +331,11 @@ def _patterns_parser(sub):
     p = sub.add_parser("patterns", help="estimate PatternAttribution patterns from an image folder")
     p.add_argument("data", help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="where to save the patterns (.pt)")
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
     p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
     p.add_argument("--limit", type=int, help="use a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--regime", choices=patterns.REGIMES, default="relu")
+    p.add_argument("--regime", choices=PATTERN_REGIMES, default="relu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
@@ -291,30 +343,31 @@ def _patterns_parser(sub):
 
 
 def cmd_patterns(args):
+    from . import patterns, runtime
     device = runtime.pick_device(args.device)
     runtime.pick_threads(device, 10_000, args.threads)
     path, count, seconds = patterns.estimate_folder(
         args.data, args.out, args.model, args.weights, args.limit, args.batch_size, args.regime,
         args.seed, device)
-    console.print(f"{count} images, {seconds:.1f} s; saved {path}; use it with "
-                  f"attributors.create('pattern.attribution', model, patterns={str(path)!r})")
+    _console().print(f"{count} images, {seconds:.1f} s; saved {path}; use it with "
+                     f"attributors.create('pattern.attribution', model, patterns={str(path)!r})")
 
 
 def _geometry_parser(sub):
     p = sub.add_parser("geometry", help="principal curvatures of the explained logit's level "
                                         "sets at one image, over softplus beta")
-    p.add_argument("--model", default=models.DEFAULT_MODEL, help="zoo model name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
     p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
     p.add_argument("--image", help="image (file or bundled photo name; default: the bundled "
                                    "photo chelsea)")
     p.add_argument("--target", type=int, help="class whose logit is explained (default: the "
                                               "ReLU network's top-1)")
-    p.add_argument("--betas", default=",".join(f"{b:g}" for b in geometry.DEFAULT_BETAS),
+    p.add_argument("--betas", default=",".join(f"{b:g}" for b in BETAS),
                    help="softplus betas, comma-separated")
     p.add_argument("--k", type=int, default=5, help="principal curvatures per beta "
                                                     "(largest magnitude first)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    p.add_argument("--tol", type=float, default=geometry.DEFAULT_TOL,
+    p.add_argument("--tol", type=float, default=CURVATURE_TOL,
                    help="Lanczos (ARPACK) relative tolerance")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
@@ -324,10 +377,13 @@ def _geometry_parser(sub):
 
 
 def cmd_geometry(args):
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    out = Path(args.out) if args.out else runtime.default_out_dir()
-    if out.exists() and any(out.iterdir()):
-        raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
+    from rich.table import Table
+
+    from . import geometry, models, runtime
+    console = _console()
+    out = runtime.fresh_out_dir(args.out)  # refused before the work, not after
     betas = geometry.parse_betas(args.betas)
     device = runtime.pick_device(args.device)
     runtime.pick_threads(device, models.input_size(args.model), args.threads)
@@ -353,9 +409,19 @@ def cmd_geometry(args):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that shows each option's default, where it has one."""
+    """Help that shows each option's default, where it has one, and makes lazy help text."""
+
+    @staticmethod
+    def _make_lazy_help(action):
+        if getattr(action.help, "lazy_help", False):
+            action.help = action.help()
+
+    def _format_action(self, action):
+        self._make_lazy_help(action)
+        return super()._format_action(action)
 
     def _get_help_string(self, action):
+        self._make_lazy_help(action)
         if action.default in (None, False, argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
@@ -384,11 +450,12 @@ def main(argv=None):
     try:
         args.func(args)
     except ManipBenchError as error:
-        error_console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False,
-                            soft_wrap=True)
+        from rich.markup import escape
+        _console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", highlight=False,
+                                    soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        error_console.print("interrupted; nothing half-written was left behind")
+        _console(stderr=True).print("interrupted; nothing half-written was left behind")
         return 130
     return 0
 

@@ -130,6 +130,11 @@ def load_batch(paths, size):
     return torch.stack([load_image(path, size) for path in paths])
 
 
+def _check_pair_count(n):
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ManipBenchError(f"number of pairs must be a positive integer, got {n!r}")
+
+
 def image_pairs(source, n=None, seed=0):
     """``(original_path, target_path)`` pairs from a folder of images, a CSV file or CIFAR-10.
 
@@ -148,8 +153,7 @@ def image_pairs(source, n=None, seed=0):
     CSV file: a header with columns ``original,target``; paths relative to the CSV's
     folder are allowed; all rows in order, or the first ``n``.
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ManipBenchError(f"number of pairs must be a positive integer, got {n!r}")
+    _check_pair_count(n)
     if str(source) == CIFAR10:
         return cifar10_pairs(n, seed)
     source = Path(source)
@@ -321,8 +325,7 @@ def cifar10_pairs(n=None, seed=0, root=None, download=True):
     drawn target of another class. Each image is named
     ``<root>/cifar-10-batches-py/test_batch#<index>``, which :func:`load_image` reads.
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ManipBenchError(f"number of pairs must be a positive integer, got {n!r}")
+    _check_pair_count(n)
     dataset = cifar10_test(root, download)
     order, groups = _imagefolder_order(dataset)
     if len(order) < 2 or (n is not None and n > len(order)):

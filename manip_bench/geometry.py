@@ -29,12 +29,9 @@ import torch
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from . import attributors
+from .defaults import BETAS as DEFAULT_BETAS  # the curvature-vs-beta sweep's
+from .defaults import CURVATURE_TOL as DEFAULT_TOL  # ARPACK's relative tolerance
 from .errors import ManipBenchError
-
-#: softplus betas of the default curvature-vs-beta sweep
-DEFAULT_BETAS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-#: ARPACK's relative tolerance on the Ritz values by default
-DEFAULT_TOL = 1e-6
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -667,13 +664,19 @@ def record_trajectory(attack, x, target_map=None, progress=None):
             if progress is not None:
                 progress(state.step)
     finally:
-        attack.explain.set_beta(attack.eval_beta)
+        attack.explain.set_beta(None)
     output, _, best_map = attack.evaluate(state.best_x, state.original_class)
     pcc = metrics.map_similarity(best_map, state.reference.target_map)["pcc"] \
         if state.reference.target_map is not None else [float("nan")] * len(state.x)
     kept = (output.argmax(1) == state.original_class).tolist()
-    return Trajectory(torch.stack(points), state.original_class.clone(), attack.eval_beta, pcc,
+    return Trajectory(torch.stack(points), state.original_class.clone(), _smoothing(attack), pcc,
                       kept)
+
+
+def _smoothing(attack):
+    """Softplus beta of the network an attack explains (None: ReLU, attacked via its surrogate)."""
+    explain = attack.explain
+    return explain.activations[0].smoothing if explain.smoothed else None
 
 
 def summarize(values):
@@ -728,17 +731,12 @@ def save_image_sweep(record, out, toy=True):
     The files are written to a temporary folder beside ``out`` and moved into place at the
     end, so an error leaves nothing half-written. ``out`` must not exist or be empty.
     """
-    import os
     import shutil
-    import tempfile
-    from pathlib import Path
 
     from . import geometry_figures as figures
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from .runtime import fresh_out_dir, move_into_place, staging_folder
+    out = fresh_out_dir(out)
+    staging = staging_folder(out)
     try:
         (staging / "geometry.json").write_text(json.dumps(record, indent=2))
         values = np.array([[row["curvatures"] for row in record["results"]]])
@@ -748,12 +746,7 @@ def save_image_sweep(record, out, toy=True):
         if toy:
             figures.toy_figure(figures.toy_fields(), staging / "toy_level_sets.png",
                                title="a two-layer network on R^2: level sets and unit normals")
-        if out.exists():
-            out.rmdir()
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a results folder is ordinary
-        staging.rename(out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -51,12 +51,8 @@ import torch
 from torch import nn
 
 from .attributors.base import prepare_model
+from .defaults import PATTERN_REGIMES as REGIMES
 from .errors import ManipBenchError
-
-#: the patterns shipped for the embedded CIFAR VGG (estimated for its shipped weights)
-CIFAR_VGG_PATTERNS = Path(__file__).with_name("models") / "cifar_vgg_patterns.pt"
-
-REGIMES = ("relu", "positive", "negative", "linear")
 
 
 def pattern_layers(model):

@@ -9,6 +9,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,3 +81,34 @@ def default_out_dir(root="manip-out"):
     while path.exists():
         path, n = Path(root) / f"{stamp}-{n}", n + 1
     return path
+
+
+def fresh_out_dir(out=None, root="manip-out"):
+    """``out`` as a path, refused if it exists and is not empty; None: a new folder under ``root``."""
+    from .errors import ManipBenchError  # a leaf, as in pick_device
+    if out is None:
+        return default_out_dir(root)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
+    return out
+
+
+def staging_folder(out):
+    """A new private folder beside ``out`` to write results into, so that an error leaves
+    nothing half-written: :func:`move_into_place` then makes it ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def move_into_place(staging, out):
+    """Rename the finished ``staging`` folder to ``out`` (absent or empty), with the
+    permissions of an ordinary new folder (``mkdtemp`` makes it 0700)."""
+    out = Path(out)
+    if out.exists():
+        out.rmdir()
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(staging).chmod(0o777 & ~umask)
+    Path(staging).rename(out)

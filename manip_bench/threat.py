@@ -12,11 +12,10 @@ from fractions import Fraction
 
 import torch
 
+from .defaults import DEFAULT_BUDGET
 from .errors import ManipBenchError
 
 NORMS = ("linf", "l2", "none")
-#: the default threat model: L-inf 8/255, as in adversarial-robustness benchmarks
-DEFAULT_BUDGET = "linf:8/255"
 
 
 def parse_number(text, what="budget"):

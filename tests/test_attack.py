@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from manip_bench import ManipBenchError, attributors, data, metrics, models
+from manip_bench import ManipBenchError, attributors, data, defences, metrics, models
 from manip_bench import schedule
 from manip_bench.attack import PRESETS, ManipulationAttack, make_config
 
@@ -87,22 +87,35 @@ def test_paper_preset_is_unbounded_and_auto_is_8_of_255(model):
 
 
 def test_best_so_far_is_kept_when_the_last_iterate_is_garbage(model, pair):
-    """With an absurd step size the last iterates flip the class; the kept image does not."""
+    """With a far too large step the iterates go astray: chelsea's flip the class at steps
+    13-15 and the last one is kept but scores 1.4x worse than step 12. Per image, the
+    returned image is one the attack visited after the start, with the class kept, and it
+    scores best among all the kept images visited (the start and every iterate), not merely
+    the last kept one. (A step of 0.3 or more never improves on chelsea: it would come back
+    unmoved, which is right but shows nothing.)"""
     x, x_target = pair
     attack = ManipulationAttack(model, "zennit.epsilon_plus_flat", preset="paper",
-                                iterations=10, lr=0.5)
+                                iterations=16, lr=0.06)
     target_map = attack.target_maps(x_target)
     state = attack.start(x, target_map)
-    for _ in range(10):
-        attack.step(state)
-    last_kept = attack.evaluate(state.x_adv, state.original_class)[0].argmax(1) == \
-        state.original_class
-    assert not last_kept.all()  # the last iterate is garbage for at least one image
+    visited = [attack.step(state).x for _ in range(16)] + [state.x_adv.detach().clone()]
+    assert torch.equal(visited[0], x)
+    judged = [attack._judge(image, state) for image in visited]
+    scores = torch.stack([loss.detach() for loss, _ in judged])  # (visits, N)
+    kept = torch.stack([kept for _, kept in judged])
+    best = torch.where(kept, scores, torch.inf).min(0).values
+    assert not kept.all()  # some iterate flipped the class ...
+    assert (scores[-1] > 1.1 * best).any()  # ... and the last is not the best for some image
     result = attack(x, target_map)
     assert all(result.metrics["class_kept"])
-    assert not torch.equal(result.x_adv, x)  # and the kept image is not the start
-    judged, _ = attack._judge(result.x_adv, state)
-    assert (judged <= attack._judge(x, state)[0]).all()
+    moved = (result.x_adv - x).flatten(1).abs().amax(1)
+    assert (moved > 1 / 255).all(), moved  # every image moved: none is returned as it came
+    returned, _ = attack._judge(result.x_adv, state)
+    assert (returned <= best + 1e-5 * best.abs()).all(), (returned, best)
+    for i in range(len(x)):
+        same = [k for k, image in enumerate(visited)
+                if torch.allclose(image[i], result.x_adv[i], atol=1e-6)]
+        assert same and same[0] > 0 and kept[same[0], i], (i, same)  # a visited iterate
 
 
 def test_beta_schedule_is_the_papers():
@@ -114,10 +127,13 @@ def test_beta_schedule_is_the_papers():
     assert attack.beta(99) == pytest.approx(10 * 10 ** 0.99)
 
 
-def test_lrp_has_no_beta_and_smoothing_fixes_beta(model):
+def test_lrp_has_no_beta_and_a_smoothed_model_is_attacked_as_it_is(model):
     assert ManipulationAttack(model, "zennit.epsilon").beta(5) is None
-    smoothed = ManipulationAttack(model, "captum.saliency", smooth_beta=3.0)
-    assert smoothed.beta(0) == smoothed.beta(1000) == 3.0
+    assert ManipulationAttack(model, "captum.saliency").grows_beta
+    smoothed = ManipulationAttack(defences.beta_smooth(model, 3.0), "captum.saliency")
+    assert not smoothed.grows_beta and smoothed.beta(0) is None and smoothed.beta(1000) is None
+    smoothed.step(smoothed.start(torch.rand(1, 3, 32, 32), torch.rand(1, 32, 32)))
+    assert {a.beta for a in smoothed.explain.activations} == {3.0}
 
 
 def test_total_relevance_preservation_rescales_target(model, pair):
@@ -274,4 +290,5 @@ def test_start_and_step_are_the_loop(name, model, pair):
     assert [s.beta for s in steps] == result.history["beta"]
     assert torch.equal(steps[0].x, x) and not torch.equal(state.x_adv, x)
     assert (state.x_adv - x).abs().max() <= 0.02 + 1e-6
-    assert torch.equal(state.best_x, result.x_adv) or state.step == 4
+    attack._keep_best(state, state.x_adv, *attack._judge(state.x_adv, state))  # as __call__
+    assert torch.allclose(state.best_x, result.x_adv, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from manip_bench import ManipBenchError, ManipulationAttack, cli, geometry
+from manip_bench import defences
 from conftest import tiny_net
 
 BETA = 5.0
@@ -233,7 +234,7 @@ def test_max_pool_switches_are_where_the_normal_jumps():
 
 
 def test_record_trajectory_follows_the_attack(plain_cnn, images):
-    attack = ManipulationAttack(plain_cnn, "captum.saliency", smooth_beta=5.0, iterations=3)
+    attack = ManipulationAttack(defences.beta_smooth(plain_cnn, 5.0), "captum.saliency", iterations=3)
     target_map = attack.target_maps(images[1:])
     trajectory = geometry.record_trajectory(attack, images[:2], target_map)
     assert trajectory.points.shape == (4, 2, 3, 16, 16)

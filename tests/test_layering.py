@@ -30,6 +30,16 @@ def test_import_manip_bench_imports_neither_matplotlib_nor_rich():
         ", ".join(loaded)
 
 
+def test_the_command_line_parser_imports_neither_torch_nor_rich():
+    """``manip-bench --help`` and argument errors answer without loading torch (issue 15)."""
+    loaded = _python("import manip_bench.cli, sys; "
+                     "print('torch' in sys.modules, 'rich' in sys.modules); "
+                     "manip_bench.cli.build_parser().format_help(); "
+                     "print('torch' in sys.modules)")
+    assert loaded == ["False", "False", "False"], "import manip_bench.cli / its --help imported " \
+        "(torch, rich, torch): " + ", ".join(loaded)
+
+
 def test_attack_engine_does_not_import_rich():
     """The engine reports progress through a callback; rich is the CLI's (or progress=True's)."""
     loaded = _python("from manip_bench import ManipulationAttack, check_robustness, bench; "
@@ -66,6 +76,24 @@ def _module_level_imports(tree):
             pending.extend(node.body)
 
 
+def _import_targets(node, package):
+    """The dotted names an Import/ImportFrom node inside ``package`` may refer to."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:
+        base = package.split(".")
+        base = ".".join(base[:len(base) - node.level + 1])
+        source = f"{base}.{node.module}" if node.module else base
+    else:
+        source = node.module
+    # ``from . import x`` may name a submodule x; else it names something in source
+    return [f"{source}.{alias.name}" for alias in node.names] + [source]
+
+
+def _package_of(name, path):
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def _resolve(name, package, modules):
     """The package module ``name`` refers to (a submodule if it is one), or None."""
     while name and name not in modules:
@@ -78,22 +106,10 @@ def import_graph():
     modules = _modules()
     graph = {}
     for name, path in modules.items():
-        is_package = path.name == "__init__.py"
-        package = name if is_package else name.rpartition(".")[0]
+        package = _package_of(name, path)
         edges = set()
         for node in _module_level_imports(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            else:
-                if node.level:
-                    base = package.split(".")
-                    base = ".".join(base[:len(base) - node.level + 1])
-                    source = f"{base}.{node.module}" if node.module else base
-                else:
-                    source = node.module
-                # ``from . import x`` may name a submodule x; else it names something in source
-                targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
-            for target in targets:
+            for target in _import_targets(node, package):
                 if target == PACKAGE or target.startswith(PACKAGE + "."):
                     resolved = _resolve(target, package, modules)
                     while resolved and resolved != name:  # a.b.c runs a.b's and a's __init__
@@ -153,6 +169,30 @@ def test_find_cycle_reports_a_cycle():
 def test_no_import_cycle(graph):
     cycle = find_cycle(graph)
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def test_defaults_import_nothing():
+    """The command line builds its parser from them: any import would slow ``--help``."""
+    path = _modules()["manip_bench.defaults"]
+    imports = [node for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not imports, f"manip_bench.defaults imports at line(s) {[n.lineno for n in imports]}"
+
+
+def test_attributors_know_no_model_zoo():
+    """No attributor imports ``manip_bench.models``, at module level or inside a function:
+    a model that ships something for an attributor (patterns) offers it itself."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        if not (name == "manip_bench.attributors" or name.startswith("manip_bench.attributors.")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _import_targets(node, _package_of(name, path)):
+                    if target == "manip_bench.models" or target.startswith("manip_bench.models."):
+                        found.append(f"{name} line {node.lineno}: {target}")
+    assert not found, "attributors import the model zoo: " + "; ".join(found)
 
 
 def test_runtime_is_a_leaf(graph):

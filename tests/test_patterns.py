@@ -6,11 +6,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import SHARED_DATA, PlainCNN, requires_shared_data, tiny_net
-from manip_bench import ManipBenchError, attributors, models
+from manip_bench import ManipBenchError, attributors, defences, models
 from manip_bench.heatmaps import heatmap
+from manip_bench.models import CIFAR_VGG_PATTERNS
 from manip_bench.models.cifar_vgg import CIFAR10_STD, CifarVGG
 from manip_bench.patterns import (
-    CIFAR_VGG_PATTERNS,
     check_patterns,
     estimate_patterns,
     image_batches,
@@ -79,20 +79,29 @@ def test_estimator_recovers_the_signal_direction_of_a_linear_model(regime):
     assert torch.allclose(patterns[""][0].double(), a_signal, atol=0.05 * a_signal.norm().item())
 
 
-def explicit_conv_pattern(conv, x, regime):
+def explicit_conv_pattern(conv, x, regime, padding=None):
     """The two-component estimator written out on unfolded patches (float64, one pass)."""
-    patches = F.unfold(x.double(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    padding = conv.padding if padding is None else padding
+    patches = F.unfold(x.double(), conv.kernel_size, conv.dilation, padding, conv.stride)
     patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    weight = conv.weight.double().flatten(1)
+    return explicit_pattern(patches, conv, regime)
+
+
+def explicit_pattern(patches, layer, regime):
+    """The estimator on rows of layer inputs ``patches`` (N, F), ``layer``'s weights (K, F);
+    a unit with fewer than two samples in its regime gets zeros, as documented."""
+    weight = layer.weight.detach().double().flatten(1)
     y = patches @ weight.T
-    pre_activation = y + conv.bias.double()
+    pre_activation = y + layer.bias.detach().double()
     pattern = torch.zeros_like(weight)
     for unit in range(weight.shape[0]):
         keep = pre_activation[:, unit] > 0 if regime == "positive" else slice(None)
         xs, ys = patches[keep], y[keep, unit]
+        if len(ys) < 2:
+            continue
         covariance = (xs * ys[:, None]).mean(0) - xs.mean(0) * ys.mean()
         pattern[unit] = covariance / (weight[unit] @ covariance)
-    return pattern.view_as(conv.weight).float()
+    return pattern.view_as(layer.weight).float()
 
 
 @pytest.mark.parametrize("regime", ["positive", "linear"])
@@ -131,10 +140,55 @@ def test_estimation_needs_data_and_supported_layers(plain_cnn):
 
 
 def test_estimation_handles_strides_same_padding_and_pooling():
+    """Each layer's pattern equals the estimator written out on its own inputs: a strided
+    convolution, a dilated one with padding="same" (2 px here), and the logit layer behind
+    average pooling, adaptive pooling, flatten and dropout (eval mode: identity)."""
     model = odd_cnn()
-    patterns = estimate_patterns(model, [torch.rand(8, 3, 15, 16)], progress=False)
+    torch.manual_seed(2)
+    x = torch.rand(8, 3, 15, 16)
+    patterns = estimate_patterns(model, x.split(3), progress=False)
     check_patterns(patterns, model)
-    attributors.create(NAME, model, patterns=patterns)(torch.rand(1, 3, 15, 16), 0)
+    assert patterns.keys() == {"0", "2", "8"}
+    with torch.no_grad():
+        hidden = model[:2](x)
+        features = model[:8](x)
+    assert relative_error(patterns["0"], explicit_conv_pattern(model[0], x, "positive")) < 1e-4
+    assert relative_error(patterns["2"], explicit_conv_pattern(model[2], hidden, "positive",
+                                                               padding=(2, 2))) < 1e-4
+    assert relative_error(patterns["8"], explicit_pattern(features.double(), model[8],
+                                                          "linear")) < 1e-4
+    x_explained = torch.rand(2, 3, 15, 16)
+    output, relevance = attributors.create(NAME, model, patterns=patterns)(x_explained, 0)
+    assert relevance.shape == x_explained.shape and torch.isfinite(relevance).all()
+    assert relevance.abs().sum() > 0 and torch.allclose(output, model(x_explained))
+
+
+def test_input_normalisation_is_recognised_by_what_it_computes():
+    """Any (x - mean) / std module passes relevance, not only the model zoo's Normalize."""
+    from manip_bench.attributors.pattern import is_input_normalization
+
+    class Standardise(nn.Module):  # a user's own normalisation
+        def __init__(self, forward_is_normalisation=True):
+            super().__init__()
+            self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+            self.normalises = forward_is_normalisation
+
+        def forward(self, x):
+            return (x - self.mean) / self.std if self.normalises else x * self.std + self.mean
+
+    assert is_input_normalization(Standardise()) and is_input_normalization(CifarVGG().normalize)
+    assert not is_input_normalization(Standardise(forward_is_normalisation=False))
+    assert not is_input_normalization(nn.BatchNorm2d(3)) and not is_input_normalization(odd_cnn())
+    torch.manual_seed(0)
+    net = PlainCNN().eval()
+    model = nn.Sequential(Standardise(), net).eval()
+    x, target = torch.rand(2, 3, 16, 16), torch.tensor([1, 4])
+    patterns = {f"1.{name}": p for name, p in ones_patterns(net).items()}
+    output, relevance = attributors.create(NAME, model, patterns=patterns)(x, target)
+    gradient = Saliency(model).attribute(x.clone().requires_grad_(), target=target, abs=False)
+    logit = output.gather(1, target[:, None]).view(-1, 1, 1, 1).detach()
+    assert relative_error(relevance.detach(), logit * model[0].std * gradient) <= 1e-5
 
 
 def test_command_estimates_and_saves_patterns_for_an_image_folder(tmp_path, capsys):
@@ -191,7 +245,7 @@ def test_default_patterns_exist_only_for_the_embedded_model(plain_cnn):
     with pytest.raises(ManipBenchError, match="needs patterns for this model.*estimate_patterns"):
         attributors.create(NAME, plain_cnn)
     torch.manual_seed(0)
-    with pytest.raises(ManipBenchError, match="shipped patterns belong to the embedded CifarVGG"):
+    with pytest.raises(ManipBenchError, match="shipped patterns belong to the CifarVGG"):
         attributors.create(NAME, CifarVGG())  # right architecture, other (random) weights
 
 
@@ -288,7 +342,7 @@ def test_rule_is_switched_off_when_explain_raises(plain_cnn, images, monkeypatch
 
 def tiny_relevance_fn():
     net = tiny_net()
-    explain = attributors.create(NAME, net, patterns=random_patterns(net), smooth_beta=5.0)
+    explain = attributors.create(NAME, defences.beta_smooth(net, 5.0), patterns=random_patterns(net))
     return lambda x: explain(x, torch.tensor([0, 2]))[1]
 
 
@@ -309,7 +363,7 @@ def test_registry_facts():
     cls = attributors.get_class(NAME)
     assert (cls.library, cls.rule, cls.needs_softplus, cls.attackable) == \
         ("manip_bench", "PatternAttribution (W ⊙ A+)", True, True)
-    assert list(attributors.options(NAME)) == ["smooth_beta", "patterns"]
+    assert list(attributors.options(NAME)) == ["patterns"]
     assert NAME in attributors.GROUPS["gradient"]
 
 

@@ -213,7 +213,7 @@ def test_user_objects_unchanged_also_when_interrupted(plain_cnn, images, monkeyp
     plain_cnn.train()  # an unusual mode that must survive
     explainer = captum_attr.NoiseTunnel(captum_attr.Saliency(plain_cnn))
     before = snapshot(plain_cnn, explainer)
-    check_robustness(explainer, images, iterations=2, nt_samples=2, stdevs=0.1, smooth_beta=5.0)
+    check_robustness(explainer, images, iterations=2, nt_samples=2, stdevs=0.1, defence="beta=5")
     assert_unchanged(plain_cnn, explainer, before)
 
     from manip_bench.attributors.captum import NoisyAttributor
@@ -254,8 +254,8 @@ def test_registry_name_targets_and_given_map(plain_cnn, images):
         check_robustness("captum.saliency", images, (predicted + 1) % 5, model=plain_cnn)
     with pytest.raises(ManipBenchError, match="put the normalisation into the model"):
         check_robustness("captum.saliency", images * 2 - 1, model=plain_cnn)
-    with pytest.raises(ManipBenchError, match="gradient-type methods only"):
-        check_robustness("zennit.epsilon", images, model=plain_cnn, smooth_beta=5.0)
+    with pytest.raises(ManipBenchError, match="unknown defence"):
+        check_robustness("zennit.epsilon", images, model=plain_cnn, defence="softplus")
 
 
 def test_score_definition():
@@ -301,7 +301,7 @@ def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
     explainer = captum_attr.Saliency(model)
     labels = model(x).argmax(1)
     before = snapshot(model, explainer)
-    report = check_robustness(explainer, x, target=labels, iterations=120, smooth_beta=3.0)
+    report = check_robustness(explainer, x, target=labels, iterations=120, defence="beta=3")
     assert_unchanged(model, explainer, before)
 
     # the map attacked is the user's own Saliency map
@@ -314,7 +314,7 @@ def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
     assert min(report.per_sample["target_pcc"][i] - report.per_sample["target_pcc_before"][i]
                for i in range(4)) > 0.4
     record = json.loads(json.dumps(report.to_dict()))
-    assert record["score"] == report.score and record["smoothed"]["smooth_beta"] == 3.0
+    assert record["score"] == report.score and record["smoothed"]["defence"] == "beta=3"
     assert "manipulability" in str(report)
     # the smoothed table and its footer tell the same story about the predicted classes
     agrees = report.smoothed.per_sample["same_class_as_unsmoothed"]
@@ -333,7 +333,7 @@ def test_check_folder_on_a_zoo_model(tmp_path):
     (tmp_path / "empty").mkdir()
     names = ["chelsea.png", "coffee.png", "rocket.png"]
     assert [p.name for p in data.image_files(tmp_path)] == names
-    report = check_folder(tmp_path, model="cifar_vgg", n=2, iterations=2, smooth_beta=10.0)
+    report = check_folder(tmp_path, model="cifar_vgg", n=2, iterations=2, defence="beta=10")
     assert len(report.per_sample["input"]) == 2 and report.smoothed is not None
     assert set(report.names) <= set(names) and report.names == report.smoothed.names
     assert report.names[0] in str(report)

@@ -3,11 +3,10 @@
 Every attributor is called as ``output, relevance = explain(x, target)``; the relevance
 is differentiable in ``x`` (see :mod:`manip_bench.attributors.base`).
 """
-import difflib
 import inspect
 
 from .. import plugins
-from ..errors import ManipBenchError
+from ..errors import ManipBenchError, unknown_name
 from . import captum, pattern, zennit
 from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
 
@@ -55,10 +54,7 @@ def get_class(name):
     """The attributor class registered as ``name`` (clear error with a close match if unknown)."""
     plugins.load()
     if name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ManipBenchError(
-            f"unknown attributor {name!r}.{hint} Available: {', '.join(available())}")
+        raise unknown_name("attributor", name, REGISTRY)
     return REGISTRY[name]
 
 
@@ -72,16 +68,11 @@ def options(name):
 def create(name, model, **opts):
     """Build the attributor ``name`` on a private copy of ``model``.
 
-    ``smooth_beta`` (gradient-type methods) computes the map on the Softplus(beta)
-    network: the paper's beta-smoothing defence.
+    For the beta-smoothing defence pass the smoothed model
+    (:func:`manip_bench.defences.beta_smooth`).
     """
     cls = get_class(name)
     accepted = options(name)
-    if "smooth_beta" not in accepted and opts.get("smooth_beta", None) is not None:
-        raise ManipBenchError(f"{name}: beta-smoothing applies to gradient-type methods only "
-                              f"({', '.join(GROUPS['gradient'])})")
-    opts = {key: value for key, value in opts.items()
-            if not (key == "smooth_beta" and value is None and key not in accepted)}
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
         raise ManipBenchError(f"{name} does not take option(s) {', '.join(unknown)}; "

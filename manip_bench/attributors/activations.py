@@ -58,11 +58,22 @@ class SmoothReLU(nn.ReLU):
     subclass, Zennit and Captum still treat it as an activation.
     """
 
-    def __init__(self):
+    def __init__(self, smoothing=None):
         super().__init__(inplace=False)
+        self.smoothing = smoothing
         self.beta = None
         self.backward_rule = None
         self.rule_active = False
+
+    @property
+    def beta(self):
+        """Softplus beta in use: the model's own ``smoothing`` when set (a beta-smoothed
+        model, :mod:`manip_bench.defences`), else the attack's surrogate beta (or None: ReLU)."""
+        return self.smoothing if self.smoothing is not None else self._surrogate_beta
+
+    @beta.setter
+    def beta(self, value):
+        self._surrogate_beta = value
 
     def forward(self, x):
         _MODULE_CALLS[0] += 1
@@ -74,7 +85,7 @@ class SmoothReLU(nn.ReLU):
             _MODULE_CALLS[0] -= 1
 
     def extra_repr(self):
-        return f"beta={self.beta}, backward_rule={self.backward_rule}"
+        return f"smoothing={self.smoothing}, beta={self.beta}, backward_rule={self.backward_rule}"
 
 
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}

@@ -15,13 +15,18 @@ from ..errors import ManipBenchError
 from .activations import SmoothReLU, install_functional_activations, rule_active  # noqa: F401
 
 
-def conv2d_input_gradient(module, grad, weight, input_shape):
-    """Gradient of ``module`` (an ``nn.Conv2d``, here with ``weight``) w.r.t. its input."""
+def conv2d_input_gradient(module, grad, weight, input_shape, padding=None):
+    """Gradient of ``module`` (an ``nn.Conv2d``, here with ``weight``) w.r.t. its input.
+
+    ``padding``: the module's padding as a pair of ints (default ``module.padding``; give it
+    where that is a string such as ``"same"``).
+    """
+    padding = module.padding if padding is None else padding
     output_padding = [
-        input_shape[2 + d] - ((grad.shape[2 + d] - 1) * module.stride[d] - 2 * module.padding[d]
+        input_shape[2 + d] - ((grad.shape[2 + d] - 1) * module.stride[d] - 2 * padding[d]
                               + module.dilation[d] * (module.kernel_size[d] - 1) + 1)
         for d in range(2)]
-    return F.conv_transpose2d(grad, weight, None, module.stride, module.padding, output_padding,
+    return F.conv_transpose2d(grad, weight, None, module.stride, padding, output_padding,
                               module.groups, module.dilation)
 
 
@@ -136,7 +141,8 @@ class Attributor:
         where the method comes from and what it computes (for tables).
     ``needs_softplus``
         the map of a ReLU network has zero derivative in ``x``; the attack swaps
-        ReLU for Softplus(beta) (and ``smooth_beta`` gives the beta-smoothing defence).
+        ReLU for Softplus(beta) (not on a model that is smooth already, such as the
+        beta-smoothing defence's, :mod:`manip_bench.defences`).
     ``attackable``
         False when the map is locally constant in ``x`` (no attack can move it).
     ``preset``
@@ -152,28 +158,29 @@ class Attributor:
     swap_relu = True
     preset = "gradient"
 
-    def __init__(self, model, smooth_beta=None):
+    def __init__(self, model):
         self.model = prepare_model(model, self.swap_relu)
         self.activations = smooth_activations(self.model)
         self._relu_modules = bool(self.activations)
+        #: the model computes softplus already (a beta-smoothed model, see
+        #: :mod:`manip_bench.defences`): its map is differentiable as it is
+        self.smoothed = self._relu_modules and all(
+            a.smoothing is not None for a in self.activations)
         self.functional = None
-        if self.needs_softplus and self.swap_relu:  # F.relu calls follow the swap too
-            shared = SmoothReLU()
+        if self.needs_softplus and self.swap_relu and not self.smoothed:
+            shared = SmoothReLU()  # F.relu calls follow the swap too
             self.functional = install_functional_activations(self.model, shared)
             self.activations.append(shared)
-        if smooth_beta is not None:
-            self._check_beta(smooth_beta)
-        self.smooth_beta = smooth_beta
-        self.set_beta(smooth_beta)
+        self.set_beta(None)
         self._num_classes = {}
 
     def _check_beta(self, beta):
         if not self.needs_softplus:
             raise ManipBenchError(
-                f"{self.name}: beta-smoothing applies to gradient-type methods only "
-                "(LRP rules on a softplus network do not conserve relevance)")
+                f"{self.name}: the softplus surrogate applies to gradient-type methods only; "
+                "smooth the model instead (manip_bench.defences.beta_smooth)")
         if not self.activations:
-            raise ManipBenchError(f"{self.name}: the model has no ReLU to smooth")
+            raise ManipBenchError(f"{self.name}: the model has no ReLU to swap for softplus")
         if not beta > 0:
             raise ManipBenchError(f"beta must be positive, got {beta}")
 

@@ -1,6 +1,6 @@
 """Captum attribution methods made differentiable in the input.
 
-Captum 0.9.0 computes gradients without ``create_graph`` (``compute_gradients``), so a
+Captum computes gradients without ``create_graph`` (``compute_gradients``), so a
 loss on its maps either has no graph or a silently wrong one. Each adapter here runs
 Captum's own method with the instance's ``gradient_func`` replaced by one that keeps
 the graph. Where Captum breaks the graph elsewhere (NoiseTunnel's ``no_grad`` loop,
@@ -9,18 +9,15 @@ with graph-keeping pieces and is tested against Captum's output.
 """
 import contextlib
 
-import numpy as np
 import torch
-from captum._utils.common import _run_forward
 from captum.attr import (
     DeepLift as CaptumDeepLift,
     InputXGradient as CaptumInputXGradient,
     IntegratedGradients as CaptumIntegratedGradients,
     Saliency as CaptumSaliency,
 )
-from captum.attr._core.gradient_shap import InputBaselineXGradient
-from captum.attr._utils.approximation_methods import approximation_parameters
 
+from .. import _compat
 from ..errors import ManipBenchError
 from .base import Attributor, input_with_grad, one_hot, rule_active
 from .chunked import ChunkedRelevance, GradientShapPlan, IntegratedGradientsPlan, SmoothGradPlan
@@ -29,7 +26,7 @@ from .chunked import ChunkedRelevance, GradientShapPlan, IntegratedGradientsPlan
 def differentiable_gradients(forward_fn, inputs, target_ind=None, additional_forward_args=None):
     """Drop-in for Captum's ``compute_gradients`` that keeps the graph (``create_graph=True``)."""
     with torch.enable_grad():
-        outputs = _run_forward(forward_fn, inputs, target_ind, additional_forward_args)
+        outputs = _compat.run_forward(forward_fn, inputs, target_ind, additional_forward_args)
         return torch.autograd.grad(outputs.sum(), inputs, create_graph=True)
 
 
@@ -56,10 +53,10 @@ class CaptumAttributor(Attributor):
     needs_softplus = True
     method_class = None
 
-    def __init__(self, model, smooth_beta=None, **attribute_kwargs):
-        super().__init__(model, smooth_beta)
+    def __init__(self, model, **attribute_kwargs):
+        super().__init__(model)
         self.method = self.method_class(self.model)
-        self.method.gradient_func = differentiable_gradients
+        _compat.set_gradient_func(self.method, differentiable_gradients)
         self.attribute_kwargs = attribute_kwargs
 
     def attribute(self, x, target):
@@ -75,8 +72,8 @@ class Saliency(CaptumAttributor):
 
     name, rule, method_class = "captum.saliency", "absolute gradient", CaptumSaliency
 
-    def __init__(self, model, smooth_beta=None, abs=True):  # noqa: A002 - Captum's name
-        super().__init__(model, smooth_beta, abs=abs)
+    def __init__(self, model, abs=True):  # noqa: A002 - Captum's name
+        super().__init__(model, abs=abs)
 
 
 class InputXGradient(CaptumAttributor):
@@ -148,12 +145,12 @@ class IntegratedGradients(SampleChunking, CaptumAttributor):
                                 CaptumIntegratedGradients)
     preset = "integrated_gradients"
 
-    def __init__(self, model, smooth_beta=None, steps=30, method="gausslegendre",
+    def __init__(self, model, steps=30, method="gausslegendre",
                  internal_batch_size=AUTO):
-        super().__init__(model, smooth_beta, n_steps=steps, method=method)
+        super().__init__(model, n_steps=steps, method=method)
         self._set_chunking(internal_batch_size)
         try:
-            step_sizes, alphas = approximation_parameters(method)
+            step_sizes, alphas = _compat.approximation_parameters(method)
             self.step_sizes, self.alphas = step_sizes(steps), alphas(steps)
         except (ValueError, AssertionError) as error:
             reason = error or "Captum needs steps > 1"
@@ -184,9 +181,9 @@ class NoisyAttributor(SampleChunking, CaptumAttributor):
 
     draw_baselines = False
 
-    def __init__(self, model, smooth_beta=None, samples=10, stdev=0.05,
+    def __init__(self, model, samples=10, stdev=0.05,
                  internal_batch_size=AUTO):
-        super().__init__(model, smooth_beta)
+        super().__init__(model)
         self.samples, self.stdev = int(samples), float(stdev)
         self._set_chunking(internal_batch_size)
 
@@ -196,10 +193,8 @@ class NoisyAttributor(SampleChunking, CaptumAttributor):
         kwargs = {}
         if self.draw_baselines:  # Captum draws one baseline per row (the baseline is zero)
             baselines = torch.zeros_like(x[:1])
-            kwargs["baselines"] = baselines[np.random.choice(1, n * x.shape[0]).tolist()]
-        shape = (x.shape[0] * n,) + tuple(x.shape[1:])
-        noise = torch.normal(0, torch.tensor(self.stdev, device=x.device).repeat(shape))
-        noise = noise.to(x.dtype)
+            kwargs["baselines"] = baselines[_compat.draw_baseline_rows(1, n * x.shape[0])]
+        noise = _compat.draw_noise(x, n, self.stdev)
         chunk = self.chunked(x, noise.shape[0])
         if chunk is not None:
             plan = self.plan(target, noise, chunk)
@@ -227,16 +222,16 @@ class SmoothGrad(NoisyAttributor):
 class GradientShap(NoisyAttributor):
     """GradientSHAP with a zero baseline (Captum's ``GradientShap``)."""
 
-    name, rule, method_class = "captum.gradient_shap", "GradientSHAP", InputBaselineXGradient
+    name, rule = "captum.gradient_shap", "GradientSHAP"
+    method_class = staticmethod(lambda model: _compat.InputBaselineXGradient(model))
     draw_baselines = True
 
-    def __init__(self, model, smooth_beta=None, samples=5, stdev=0.0, internal_batch_size=AUTO):
-        super().__init__(model, smooth_beta, samples, stdev, internal_batch_size)
+    def __init__(self, model, samples=5, stdev=0.0, internal_batch_size=AUTO):
+        super().__init__(model, samples, stdev, internal_batch_size)
 
     def plan(self, target, noise, chunk_rows):
         # Captum's InputBaselineXGradient draws one path coefficient per row, after the noise
-        alphas = torch.tensor(np.random.uniform(0.0, 1.0, noise.shape[0]), device=noise.device,
-                              dtype=noise.dtype)
+        alphas = _compat.draw_path_points(noise)
         return GradientShapPlan(self.model, self.activations, target, noise, alphas,
                                 self.samples, chunk_rows)
 
@@ -253,8 +248,8 @@ class ModifiedBackprop(Attributor):
     needs_softplus = True
     backward_rule = None
 
-    def __init__(self, model, smooth_beta=None):
-        super().__init__(model, smooth_beta)
+    def __init__(self, model):
+        super().__init__(model)
         for activation in self.activations:
             activation.backward_rule = self.backward_rule
 

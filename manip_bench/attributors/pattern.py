@@ -8,6 +8,12 @@ relative to the root point ``x - a y``. ReLUs gate as in the gradient (``sigmoid
 on the Softplus network), max-pooling routes to the maximum, and the input
 normalisation passes relevance unchanged (as in the LRP adapters: with the pattern of
 the first layer expressed in pixel space, ``w ⊙ a`` is the same in both coordinates).
+An input normalisation is recognised by what it computes: a module without children whose
+``mean`` and ``std`` tensors give its output as ``(x - mean) / std``.
+
+This module knows no model zoo. A model that ships patterns says so itself: its
+``shipped_patterns()`` method returns the patterns file and the weights file they were
+estimated for (the embedded CifarVGG does), and they are used only for those weights.
 
 Each convolution/linear layer (and ``Normalize``) of the private model copy computes its
 normal forward pass in an autograd function whose backward uses ``W ⊙ A`` while
@@ -18,11 +24,9 @@ map has correct second-order terms.
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..errors import ManipBenchError
-from ..models.cifar_vgg import CifarVGG, Normalize
-from .base import Attributor, input_with_grad, one_hot, rule_active
+from .base import Attributor, conv2d_input_gradient, input_with_grad, one_hot, rule_active
 
 # ``manip_bench.patterns`` is imported where it is used: importing it here (and so with
 # ``import manip_bench``) makes ``python -m manip_bench.patterns`` warn that the module
@@ -62,13 +66,8 @@ class PatternConv2d(_PatternLayer, nn.Conv2d):
     """A convolution whose explanation backward uses ``W ⊙ A``."""
 
     def input_gradient(self, grad, input_shape):
-        padding = self.explain_padding
-        output_padding = [
-            input_shape[2 + d] - ((grad.shape[2 + d] - 1) * self.stride[d] - 2 * padding[d]
-                                  + self.dilation[d] * (self.kernel_size[d] - 1) + 1)
-            for d in range(2)]
-        return F.conv_transpose2d(grad, self.backward_weight(), None, self.stride, padding,
-                                  output_padding, self.groups, self.dilation)
+        return conv2d_input_gradient(self, grad, self.backward_weight(), input_shape,
+                                     self.explain_padding)
 
 
 class PatternLinear(_PatternLayer, nn.Linear):
@@ -78,11 +77,43 @@ class PatternLinear(_PatternLayer, nn.Linear):
         return grad @ self.backward_weight()
 
 
-class PassNormalize(_PatternLayer, Normalize):
-    """Input normalisation that passes relevance unchanged in the explanation backward."""
+class PassNormalize(_PatternLayer):
+    """Mixin for an input normalisation ``(x - mean) / std``: relevance passes it unchanged in
+    the explanation backward (any other backward divides by ``std``, the true gradient)."""
 
     def input_gradient(self, grad, input_shape):
         return grad if self.rule_active else grad / self.std
+
+
+_PASS_CLASSES = {}
+
+
+def _pass_class(cls):
+    """``cls`` with :class:`PassNormalize` in front (one class per normalisation class)."""
+    if cls not in _PASS_CLASSES:
+        _PASS_CLASSES[cls] = type(f"Pass{cls.__name__}", (PassNormalize, cls), {})
+    return _PASS_CLASSES[cls]
+
+
+def is_input_normalization(module):
+    """Whether ``module`` (without children) computes ``(x - module.mean) / module.std``.
+
+    Checked on a random probe shaped like ``mean`` and ``std`` together, so a module that
+    merely has tensors of those names is not taken for a normalisation.
+    """
+    mean, std = getattr(module, "mean", None), getattr(module, "std", None)
+    if not (isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)
+            and mean.is_floating_point()) or next(module.children(), None) is not None:
+        return False
+    try:
+        shape = torch.broadcast_shapes(mean.shape, std.shape)
+        probe = torch.rand(shape, dtype=mean.dtype, device=mean.device)
+        with torch.no_grad():
+            output = module(probe)
+        return isinstance(output, torch.Tensor) and output.shape == probe.shape and \
+            torch.allclose(output, (probe - mean) / std)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def install_patterns(model, patterns):
@@ -109,8 +140,8 @@ def install_patterns(model, patterns):
             else:
                 module.__class__ = PatternLinear
             module.register_buffer("pattern", pattern, persistent=False)
-        elif type(module) is Normalize:
-            module.__class__ = PassNormalize
+        elif is_input_normalization(module):
+            module.__class__ = _pass_class(type(module))
         else:
             continue
         swapped.append(module)
@@ -128,20 +159,22 @@ def _same_weights(model, path):
 
 
 def default_patterns(model):
-    """The shipped patterns when ``model`` is the embedded CifarVGG with its shipped weights."""
-    from ..models import CIFAR_VGG_WEIGHTS
-    from ..patterns import CIFAR_VGG_PATTERNS, load_patterns
+    """The patterns ``model`` ships (its ``shipped_patterns()``), if it has the weights they fit."""
+    from ..patterns import load_patterns
 
     how = ("estimate patterns for it with manip_bench.patterns.estimate_patterns(model, batches) "
            "or python -m manip_bench.patterns --data DIR --out FILE, and pass patterns=FILE")
-    if not isinstance(model, CifarVGG):
+    shipped = getattr(model, "shipped_patterns", None)
+    if not callable(shipped):
         raise ManipBenchError(f"pattern.attribution needs patterns for this model (they ship "
-                              f"only for the embedded CifarVGG); {how}")
-    if not _same_weights(model, CIFAR_VGG_WEIGHTS):
-        raise ManipBenchError(f"the shipped patterns belong to the embedded CifarVGG with its "
-                              f"shipped weights ({CIFAR_VGG_WEIGHTS.name}); this CifarVGG differs: "
-                              f"{how}")
-    return load_patterns(CIFAR_VGG_PATTERNS), str(CIFAR_VGG_PATTERNS)
+                              f"only with models that have shipped_patterns(), such as the "
+                              f"embedded CifarVGG); {how}")
+    patterns_file, weights_file = shipped()
+    if not _same_weights(model, weights_file):
+        kind = type(model).__name__
+        raise ManipBenchError(f"the shipped patterns belong to the {kind} with its shipped "
+                              f"weights ({weights_file.name}); this {kind} differs: {how}")
+    return load_patterns(patterns_file), str(patterns_file)
 
 
 class PatternAttribution(Attributor):
@@ -151,20 +184,19 @@ class PatternAttribution(Attributor):
     ----------
     model : torch.nn.Module
         A ReLU network (see :mod:`manip_bench.patterns` for what is supported).
-    smooth_beta : float, optional
-        Compute the map on the Softplus(beta) network (the beta-smoothing defence).
     patterns : dict or path, optional
         ``{layer name: pattern}`` or a file from :func:`manip_bench.patterns.save_patterns`.
-        Default: the shipped patterns, for the embedded CifarVGG only.
+        Default: the patterns the model ships (``model.shipped_patterns()``, as the
+        embedded CifarVGG has), for the weights they were estimated for.
     """
 
     name, library, rule = "pattern.attribution", "manip_bench", "PatternAttribution (W ⊙ A+)"
     needs_softplus = True
 
-    def __init__(self, model, smooth_beta=None, patterns=None):
+    def __init__(self, model, patterns=None):
         from ..patterns import check_patterns, load_patterns
 
-        super().__init__(model, smooth_beta)
+        super().__init__(model)
         if patterns is None:
             patterns, source = default_patterns(model)
         elif isinstance(patterns, dict):

@@ -47,40 +47,26 @@ reducers) is Zennit's own code. The relevance equals Zennit's to rounding, and s
 derivative in x (a skipped branch's derivative is nonzero only at the ReLU's zeros, where
 the ReLU passes no gradient); ``tests/attributors/test_zennit_fast.py`` checks both against
 Zennit's hooks for every LRP name. Layers of other types use Zennit's backward unchanged.
-The rule layouts below are those of Zennit 0.5.1, which ``setup.cfg`` pins.
+The rule layouts and the rules' closure variables this relies on are Zennit 0.5's; they
+are read through :mod:`manip_bench._compat`, which checks them on first use.
 """
 import contextlib
 import functools
 import weakref
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from zennit.core import BasicHook, ParamMod, Stabilizer
-from zennit.rules import AlphaBeta, ClampMod, Epsilon, Gamma, ZPlus
+from zennit.rules import ClampMod, Epsilon, Gamma, ZPlus
 
+from .. import _compat
 from .base import FrozenConv2d, conv2d_input_gradient
 
-class _Plan(NamedTuple):
-    """Zennit's branch layout of a rule, as :class:`FastRule` exploits it."""
-
-    branches: int
-    #: branches that are exactly zero when the layer input is a ReLU output (``clamp(max=0)``)
-    zero_after_relu: tuple
-    #: branches whose input modifier, ``clamp(min=0)``, is the identity on a ReLU output
-    same_after_relu: tuple
-    #: branch that is the layer's forward output, used only through a comparison
-    mask_only: int = None
-
-
-#: rule class -> its plan; other rules (ZBox, Flat, WSquare, ...) compute every branch
-_PLANS = {
-    ZPlus: _Plan(2, (1,), (0,)),
-    AlphaBeta: _Plan(4, (1, 3), (0, 2)),
-    Gamma: _Plan(5, (1, 3), (0, 2), 4),
-    Epsilon: _Plan(1, (), ()),
-}
+#: Zennit's branch layout of a rule, as :class:`FastRule` exploits it; the layouts of ZPlus,
+#: AlphaBeta, Gamma and Epsilon are ``_compat.branch_layouts``, other rules (ZBox, Flat,
+#: WSquare, ...) compute every branch
+_Plan = _compat.BranchLayout
 
 
 class FrozenParams:
@@ -98,10 +84,9 @@ class FrozenParams:
     def signature(param_mod):
         """A hashable identity of a ``ParamMod`` (``None`` if it has none)."""
         try:
-            function = param_mod.modifier
-            cells = tuple(cell.cell_contents for cell in (function.__closure__ or ()))
+            code, closure = _compat.function_parts(param_mod.modifier)
             keys, zero = param_mod.param_keys, param_mod.zero_params
-            signature = (function.__code__, cells, None if keys is None else tuple(keys),
+            signature = (code, tuple(closure.values()), None if keys is None else tuple(keys),
                          zero if zero is None or isinstance(zero, str) else tuple(zero),
                          param_mod.require_params)
             hash(signature)
@@ -111,7 +96,7 @@ class FrozenParams:
 
     @staticmethod
     def _state(module):
-        return tuple((name, id(p), p.data_ptr(), p._version, p.device, p.dtype)
+        return tuple((name, id(p), p.data_ptr(), _compat.tensor_version(p), p.device, p.dtype)
                      for name, p in module.named_parameters(recurse=False))
 
     def get(self, param_mod, module):
@@ -140,13 +125,6 @@ def _input_gradient(module, grad, weight, input_shape):
     return conv2d_input_gradient(module, grad, weight, input_shape)
 
 
-#: autograd nodes that keep a ReLU output's zeros where its derivative is zero (names of
-#: PyTorch's nodes; ``IdentityBackward`` is Zennit's hook anchor)
-_TRANSPARENT = ("CloneBackward", "IdentityBackward", "ViewBackward", "ReshapeAliasBackward",
-                "UnsafeViewBackward", "MaxPool2DWithIndicesBackward", "AdaptiveAvgPool2DBackward",
-                "AvgPool2DBackward")
-
-
 def _after_relu(tensor):
     """Whether ``tensor`` is a ReLU output, seen through pooling, views and copies.
 
@@ -155,15 +133,17 @@ def _after_relu(tensor):
     no gradient anyway. Read from the graph, so it needs no device synchronisation; any
     other input (image pixels, say) keeps every branch.
     """
+    # autograd nodes that keep a ReLU output's zeros where its derivative is zero
+    relu, transparent = _compat.autograd_node_names
     node = tensor.grad_fn
     for _ in range(32):
         if node is None:
             return False
         name = node.name()
-        if name.startswith("ReluBackward"):
+        if name.startswith(relu):
             return True
         edges = [edge for edge, _ in node.next_functions if edge is not None]
-        if not name.startswith(_TRANSPARENT) or len(edges) != 1:
+        if not name.startswith(transparent) or len(edges) != 1:
             return False
         node = edges[0]
     return False
@@ -177,7 +157,7 @@ def _zeros(tensor):
 def _layer_forward(module, input, params):
     if isinstance(module, nn.Linear):
         return F.linear(input, params["weight"], params.get("bias"))
-    return module._conv_forward(input, params["weight"], params.get("bias"))
+    return _compat.conv_forward(module, input, params["weight"], params.get("bias"))
 
 
 def _supported(module):
@@ -222,10 +202,11 @@ class FastRule:
         probe = torch.empty(0)
         if any(out_mod(probe) is not probe for out_mod in self.output_modifiers):
             return None  # a branch gradient through a non-identity output modifier
-        rule = next((cls for cls in type(self).__mro__ if cls in _PLANS), None)
+        plans = _compat.branch_layouts
+        rule = next((cls for cls in type(self).__mro__ if cls in plans), None)
         if rule is None:
             return _Plan(len(self.input_modifiers), (), ())  # every branch computed
-        return _PLANS[rule] if len(self.input_modifiers) == _PLANS[rule].branches else None
+        return plans[rule] if len(self.input_modifiers) == plans[rule].branches else None
 
     def _branch_is_layer(self):
         """Whether the rule's single branch is the layer itself (Epsilon, bias kept)."""
@@ -294,14 +275,14 @@ class FastRule:
         stabilize = _stabilizer(self)
         if stabilize is None:
             return None
-        if self._branch_is_layer() and _stock(self, Epsilon):
+        if self._branch_is_layer() and _compat.is_stock_rule(self, Epsilon):
             z = self.stored_tensors["output"]
             return x * _input_gradient(module, grad / stabilize(z), module.weight, x.shape)
-        if after_relu and _stock(self, ZPlus):
+        if after_relu and _compat.is_stock_rule(self, ZPlus):
             params = self.frozen.get(self.param_modifiers[0], module)
             z = _layer_forward(module, x, params)
             return x * _input_gradient(module, grad / stabilize(z), params["weight"], x.shape)
-        if after_relu and _stock(self, Gamma) and self._gamma() is not None:
+        if after_relu and _compat.is_stock_rule(self, Gamma) and self._gamma() is not None:
             return self._gamma_after_relu(module, x, grad, stabilize)
         return None
 
@@ -310,8 +291,7 @@ class FastRule:
         mods = [ParamMod.ensure(mod) for mod in self.param_modifiers]
         if len(mods) != 5 or mods[0].zero_params or mods[2].zero_params:
             return None
-        function = mods[0].modifier
-        return _closure(function).get("gamma")
+        return _compat.rule_gamma(self)
 
     def _gamma_after_relu(self, module, x, grad, stabilize):
         """Gamma on a ReLU output in one convolution and two transposed ones (not 2 and 2+2).
@@ -333,26 +313,9 @@ class FastRule:
         return x * gradient
 
 
-def _closure(function):
-    """``{name: value}`` of a function's closure variables."""
-    return dict(zip(function.__code__.co_freevars,
-                    (cell.cell_contents for cell in function.__closure__ or ())))
-
-
-#: the code of Zennit's own gradient mapper and reducer of each rule class
-_STOCK_CODE = {cls: (cls().gradient_mapper.__code__, cls().reducer.__code__)
-               for cls in (Epsilon, ZPlus, Gamma)}
-
-
-def _stock(rule, cls):
-    """Whether ``rule`` is a ``cls`` with Zennit's own gradient mapper and reducer."""
-    return isinstance(rule, cls) and (rule.gradient_mapper.__code__,
-                                      rule.reducer.__code__) == _STOCK_CODE[cls]
-
-
 def _stabilizer(rule):
     """The stabiliser in the rule's gradient mapper, as a fast equivalent where one exists."""
-    stabilizer = _closure(rule.gradient_mapper).get("stabilizer_fn")
+    stabilizer = _compat.rule_stabilizer(rule)
     if type(stabilizer) is Stabilizer and not stabilizer.clip and not stabilizer.norm_scale:
         return functools.partial(_fast_stabilizer, epsilon=stabilizer.epsilon)
     return stabilizer
@@ -395,7 +358,7 @@ def replaced_input_gradients(composite):
     attack's) runs through the same graph.
     """
     layers = []
-    for hook in list(composite.hook_refs):
+    for hook in _compat.composite_hooks(composite):
         if isinstance(hook, FastRule) and "plan" in hook.stored_tensors:
             layer = hook.stored_tensors["module"]
             if isinstance(layer, FrozenConv2d):

@@ -18,35 +18,39 @@ from pathlib import Path
 
 import torch
 
-from .. import attributors, data, models
+from .. import attributors, data, defences, models
 from ..attack import ManipulationAttack, make_config
+from ..defaults import BUNDLED  # ``pairs`` value for pairs drawn from the bundled photos
 from ..errors import ManipBenchError
+from ..runtime import default_out_dir as runtime_out_dir
 from ..runtime import pick_device, pick_threads, private_random_state, versions
 from ..threat import Budget
 from .results import ResultsWriter, read_results, results_name, row_key
 
-#: ``pairs`` value for pairs drawn from scikit-image's bundled photos
-BUNDLED = "bundled"
 CONFIG_NAME = "config.json"
 EXAMPLES_DIR = "examples"
 
 
 @dataclasses.dataclass
-class Method:
-    """One attributor setting: registry name, optional smoothing beta, options for ``create``,
+class GridMethod:
+    """One attributor setting: registry name, optional defence (``"beta=2"``, see
+    :mod:`manip_bench.defences`), options for ``create``,
     and the threat model it is attacked under (``budget``, a :class:`~manip_bench.threat.Budget`
     as plain data; ``None`` in rows written before budgets were recorded)."""
 
     attributor: str
-    smooth_beta: float = None
+    defence: str = None
     options: dict = dataclasses.field(default_factory=dict)
     budget: dict = None
+
+    def __post_init__(self):
+        self.defence = defences.spec_of(self.defence)  # "beta=2.0", BetaSmoothing(2) -> "beta=2"
 
     def label(self, budget=False):
         """Short text for tables and figures, e.g. ``captum.saliency β=5`` (``L∞ 4/255``)."""
         parts = [self.attributor]
-        if self.smooth_beta is not None:
-            parts.append(f"β={self.smooth_beta:g}")
+        if self.defence is not None:
+            parts.append(defences.parse(self.defence).label())
         parts += [f"{'σ' if key == 'stdev' else key}={_short(value)}"
                   for key, value in sorted(self.options.items())]
         if budget and self.budget is not None:
@@ -56,30 +60,31 @@ class Method:
     def cell_id(self, model):
         """File-name-safe id of the cell (this method on ``model``)."""
         parts = [self.attributor, model]
-        if self.smooth_beta is not None:
-            parts.append(f"beta{self.smooth_beta:g}")
+        if self.defence is not None:
+            parts.append(self.defence.replace("=", ""))
         parts += [f"{key}{_short(value)}" for key, value in sorted(self.options.items())]
         if self.budget is not None:
             budget = Budget.parse(self.budget)
             parts.append(budget.norm + (f"{budget.eps * 255:.4g}" if budget.bounded else ""))
-        return "__".join(_slug(part) for part in parts)
+        return "__".join(file_slug(part) for part in parts)
 
     def to_json(self):
-        return {"attributor": self.attributor, "smooth_beta": self.smooth_beta,
+        return {"attributor": self.attributor, "defence": self.defence,
                 "options": dict(self.options), "budget": self.budget}
 
 
 def method_of(row):
-    """The :class:`Method` a result row belongs to."""
-    return Method(row["attributor"], row.get("smooth_beta"), row.get("options") or {},
-                  row.get("budget"))
+    """The :class:`GridMethod` a result row belongs to."""
+    return GridMethod(row["attributor"], row.get("defence"), row.get("options") or {},
+                      row.get("budget"))
 
 
 def _short(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _slug(text):
+def file_slug(text):
+    """``text`` with every character a file name should not hold replaced by ``_``."""
     return "".join(c if c.isalnum() or c in "._=-" else "_" for c in str(text))
 
 
@@ -216,7 +221,7 @@ def make_grid(attributors="all", models=("cifar_vgg",), pairs=BUNDLED, n=20, see
         budgets = parse_budgets(budgets)
     else:
         budgets = [None]
-    methods = [Method(name, None, dict(attributor_options.get(name, {})), budget)
+    methods = [GridMethod(name, None, dict(attributor_options.get(name, {})), budget)
                for name in names for budget in budgets]
     return build_grid(methods, models, pairs, n, seed, preset, overrides, "bench")
 
@@ -233,7 +238,7 @@ def parse_budgets(budgets):
 
 def build_grid(methods, model_specs, pairs=BUNDLED, n=20, seed=0, preset="auto", overrides=None,
                kind="bench"):
-    """A checked :class:`Grid` of explicit :class:`Method` objects (see :func:`make_grid`).
+    """A checked :class:`Grid` of explicit :class:`GridMethod` objects (see :func:`make_grid`).
 
     Each method's budget (``None``: the preset's, or ``budget=``/``linf=`` among the
     overrides) is resolved here and stored on the method, so every row records it.
@@ -288,11 +293,7 @@ def default_out_dir(root="bench-out", shard=None):
     if shard is not None and shard[1] > 1:
         raise ManipBenchError("a sharded run needs an explicit output folder (--out) shared "
                               "by all shards")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = Path(root) / stamp, 1
-    while path.exists():
-        path, n = Path(root) / f"{stamp}-{n}", n + 1
-    return path
+    return runtime_out_dir(root)
 
 
 def _device(name):
@@ -423,8 +424,8 @@ def run_grid(grid, out, batch_size=10, device="auto", shard=None, threads=None,
                     net, loaded = models.load(name, weights, device), model  # in every shard
                 size = models.input_size(name)
                 pick_threads(device, size, threads)
-            attack = ManipulationAttack(net, method.attributor, preset=grid.preset,
-                                        smooth_beta=method.smooth_beta,
+            attack = ManipulationAttack(defences.apply(method.defence, net), method.attributor,
+                                        preset=grid.preset,
                                         attributor_options=method.options,
                                         progress=bar or False, budget=method.budget,
                                         **grid.overrides)
@@ -479,7 +480,7 @@ def _attack_batch(attack, grid, model, method, batch, size, device, out):
     for j, index in enumerate(batch):
         rows.append({
             "attributor": method.attributor, "model": model, "pair": index,
-            "original": pairs[j][0], "target": pairs[j][1], "smooth_beta": method.smooth_beta,
+            "original": pairs[j][0], "target": pairs[j][1], "defence": method.defence,
             "options": method.options, "budget": method.budget, "losses": result.losses,
             "schedule": result.schedule, "preset": attack.preset, "iterations": result.iterations,
             "seconds": result.seconds / len(batch), "explain_seconds": explain_seconds,
@@ -499,7 +500,7 @@ def _save_example(out, cell_id, result, j, x_target, method, model, pair):
         return tensor[j].detach().to("cpu", torch.float16).clone()
 
     example = {
-        "attributor": method.attributor, "model": model, "smooth_beta": method.smooth_beta,
+        "attributor": method.attributor, "model": model, "defence": method.defence,
         "options": dict(method.options), "budget": method.budget, "label": method.label(True),
         "pair": 0,
         "original": pair[0], "target": pair[1],
@@ -523,7 +524,7 @@ def load_examples(out):
     return examples
 
 
-__all__ = ["BUNDLED", "Grid", "Method", "RunSummary", "build_grid", "default_out_dir",
+__all__ = ["BUNDLED", "Grid", "GridMethod", "RunSummary", "build_grid", "default_out_dir",
            "load_examples", "make_grid", "make_progress", "method_of", "parse_budgets",
            "parse_model", "parse_shard", "prepare_folder", "resolve_attributors", "run_grid",
            "sample_pairs", "shard_from_env", "shard_pairs", "stored_config"]

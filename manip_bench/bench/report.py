@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import defences
 from ..errors import ManipBenchError
 from ..threat import Budget, format_value
-from .grid import CONFIG_NAME, load_examples, method_of
+from .grid import CONFIG_NAME, file_slug, load_examples, method_of
 from .results import cell_key, read_results
 
 #: metrics in the printed table, with their headers (summary.csv holds every metric)
@@ -71,7 +72,7 @@ def summarize(rows):
     for group in cells.values():
         first = group[0]
         entry = {"attributor": first["attributor"], "model": first["model"],
-                 "smooth_beta": first.get("smooth_beta"),
+                 "defence": first.get("defence"),
                  "options": json.dumps(first.get("options") or {}, sort_keys=True),
                  "budget": _budget_text(first.get("budget")),
                  "label": method_of(first).label(budget=len(budgets) > 1), "n": len(group),
@@ -151,10 +152,6 @@ def _models(rows):
     return list(dict.fromkeys(row["model"] for row in rows))
 
 
-def _file_slug(text):
-    return "".join(c if c.isalnum() or c in "._=-" else "_" for c in str(text))
-
-
 def box_plots(rows, out):
     """Fig. 3 layout per model: one panel per metric, one box per method. Returns the paths."""
     paths = []
@@ -176,7 +173,7 @@ def box_plots(rows, out):
         fig.suptitle(f"{model}: explanation vs target (top), image vs original (bottom); "
                      f"whiskers 10th/90th percentile", fontsize=10)
         fig.tight_layout()
-        path = Path(out) / f"boxplots__{_file_slug(model)}.png"
+        path = Path(out) / f"boxplots__{file_slug(model)}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
@@ -218,7 +215,7 @@ def example_grids(out, order=None):
             axes[r, 0].set_ylabel(f"{example['label']}\nPCC {_fmt(pcc)}", fontsize=7)
         fig.suptitle(f"{model}: pair 0", fontsize=9)
         fig.tight_layout()
-        path = Path(out) / f"examples__{_file_slug(model)}.png"
+        path = Path(out) / f"examples__{file_slug(model)}.png"
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
@@ -226,7 +223,7 @@ def example_grids(out, order=None):
 
 def _example_key(example):
     return cell_key({"attributor": example["attributor"], "model": example["model"],
-                     "smooth_beta": example["smooth_beta"], "options": example["options"]})
+                     "defence": example.get("defence"), "options": example["options"]})
 
 
 # ---- manipulability curves (several budgets) ---------------------------------------------------
@@ -335,14 +332,14 @@ def curve_figure(series, path):
 
 
 def is_sweep(out, rows):
-    """A folder written by ``manip-bench smooth`` (or any rows with a smoothing beta)."""
+    """A folder written by ``manip-bench smooth`` (or any rows with a defence)."""
     config = Path(out) / CONFIG_NAME
     if config.exists():
         try:
             return json.loads(config.read_text()).get("kind") == "smooth"
         except ValueError:
             pass
-    return any(row.get("smooth_beta") is not None for row in rows)
+    return any(row.get("defence") is not None for row in rows)
 
 
 def _series(summary):
@@ -351,11 +348,11 @@ def _series(summary):
     for entry in summary:
         options = json.loads(entry["options"])
         if (entry["attributor"] == SMOOTHGRAD and "stdev" in options
-                and entry["smooth_beta"] is None):
+                and entry["defence"] is None):
             name, x = "SmoothGrad (σ)", float(options["stdev"])
         else:
             name = entry["attributor"] + (f" {entry['options']}" if options else "")
-            x = math.inf if entry["smooth_beta"] is None else float(entry["smooth_beta"])
+            x = math.inf if entry["defence"] is None else defences.parse(entry["defence"]).beta
         series.setdefault((entry["model"], name), []).append((x, entry))
     return {key: sorted(points, key=lambda p: p[0]) for key, points in series.items()}
 

@@ -21,7 +21,7 @@ RESULTS_GLOB = "results*.jsonl"
 #: ``AttackResult.metrics`` (``None`` where a metric is undefined, e.g. PCC of a flat map)
 #: ``budget`` is the threat model (``{"norm", "eps"}``), ``losses`` and ``schedule`` say
 #: how the attack was run (rows written before these were recorded lack all three).
-ROW_FIELDS = ("attributor", "model", "pair", "original", "target", "smooth_beta", "options",
+ROW_FIELDS = ("attributor", "model", "pair", "original", "target", "defence", "options",
               "budget", "losses", "schedule", "preset", "iterations", "seconds",
               "explain_seconds", "batch", "device", "original_class", "metrics")
 
@@ -44,8 +44,8 @@ def budget_key(budget):
 
 
 def cell_key(row):
-    """What identifies a cell: attributor, model, smoothing beta, attributor options, budget."""
-    return (row["attributor"], row["model"], row.get("smooth_beta"),
+    """What identifies a cell: attributor, model, defence, attributor options, budget."""
+    return (row["attributor"], row["model"], row.get("defence"),
             options_key(row.get("options")), budget_key(row.get("budget")))
 
 
@@ -172,11 +172,20 @@ def read_results(folder):
 
 
 def _sort_key(row):
-    beta = row.get("smooth_beta")
+    defence = row.get("defence")
     budget = row.get("budget") or {}
-    return (row["model"], row["attributor"], beta is not None, beta or 0.0,
+    return (row["model"], row["attributor"], defence is not None, _defence_order(defence),
             options_key(row.get("options")), budget.get("norm") or "", budget.get("eps") or 0.0,
             row["pair"])
+
+
+def _defence_order(spec):
+    """Sort key of a defence spec: beta-smoothing by beta (then any other spec by text)."""
+    kind, _, value = (spec or "").partition("=")
+    try:
+        return (kind, float(value), "")
+    except ValueError:
+        return (kind, 0.0, value)
 
 
 __all__ = ["RESULTS_GLOB", "ROW_FIELDS", "ResultsWriter", "budget_key", "cell_key", "options_key", "read_results",

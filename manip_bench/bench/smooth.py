@@ -1,32 +1,22 @@
 """The β-smoothing defence (Dombrowski et al. 2019, Sec. 4 and Fig. 4), swept over β.
 
-The defence itself is one argument of the registry::
+The defence itself is a model transform (:mod:`manip_bench.defences`)::
 
-    from manip_bench import attributors, ManipulationAttack
-    explain = attributors.create("captum.saliency", model, smooth_beta=2.0)
-    output, relevance = explain(x, target)          # the map of the Softplus(2) network
-
-    attack = ManipulationAttack(model, "captum.saliency", smooth_beta=2.0)
-    result = attack(x, attack.target_maps(x_target))  # attacked and judged on that network
-
-It applies to gradient-type methods only (``attributors.GROUPS["gradient"]``); LRP rules
-are not smoothed (on a softplus network they no longer conserve relevance), so
-``zennit.*`` and ``captum.lrp`` refuse ``smooth_beta``.
+    from manip_bench import attributors, defences, ManipulationAttack
+    smoothed = defences.beta_smooth(model, 2.0)
+    explain = attributors.create("zennit.epsilon", smoothed)  # any method
+    attack = ManipulationAttack(smoothed, "captum.saliency")    # attacked and judged there
 
 A sweep is an ordinary benchmark grid (:mod:`manip_bench.bench.grid`) whose methods are
-each attributor on the ReLU network (the unsmoothed baseline, β → ∞) and at every β,
-plus SmoothGrad (``captum.smoothgrad``, 10 samples) at noise levels σ as the comparison
+each attributor without defence (β → ∞) and under ``beta=<β>`` for every β, plus
+SmoothGrad (``captum.smoothgrad``, 10 samples) at noise levels σ as the comparison
 defence. Every row records the time of one explanation (``explain_seconds``), so the
 report can set the defences' cost beside their effect.
 """
-from .. import attributors as registry
+from ..defaults import BETAS as DEFAULT_BETAS  # the sweep's β (ReLU is added as β → ∞)
+from ..defaults import SMOOTHGRAD_STDEVS as DEFAULT_STDEVS
 from ..errors import ManipBenchError
-from .grid import BUNDLED, Method, build_grid, resolve_attributors
-
-#: β values of the default sweep (log-spaced; ReLU is added as β → ∞)
-DEFAULT_BETAS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-#: SmoothGrad noise levels, as a fraction of the input range ([0, 1] images: range 1)
-DEFAULT_STDEVS = (0.005, 0.01, 0.02, 0.05)
+from .grid import BUNDLED, GridMethod, build_grid, resolve_attributors
 SMOOTHGRAD = "captum.smoothgrad"
 SMOOTHGRAD_SAMPLES = 10
 
@@ -48,17 +38,12 @@ def sweep_methods(attributors=("captum.saliency",), betas=DEFAULT_BETAS, stdevs=
     """The methods of a sweep: each attributor on ReLU (if ``relu``) and at every β, then
     SmoothGrad with ``samples`` noisy copies at every σ in ``stdevs`` (empty: none)."""
     names = resolve_attributors(attributors)
-    refused = [n for n in names if "smooth_beta" not in registry.options(n)]
-    if refused:
-        raise ManipBenchError(
-            f"{', '.join(refused)}: β-smoothing applies to gradient-type methods only "
-            f"(LRP is not smoothed); choose from {', '.join(registry.GROUPS['gradient'])}")
     methods = []
     for name in names:
         if relu:
-            methods.append(Method(name))
-        methods += [Method(name, beta) for beta in _numbers(betas, "betas")]
-    methods += [Method(SMOOTHGRAD, None, {"samples": int(samples), "stdev": stdev})
+            methods.append(GridMethod(name))
+        methods += [GridMethod(name, f"beta={beta:g}") for beta in _numbers(betas, "betas")]
+    methods += [GridMethod(SMOOTHGRAD, None, {"samples": int(samples), "stdev": stdev})
                 for stdev in _numbers(stdevs, "SmoothGrad σ values")]
     return methods
 

@@ -13,12 +13,11 @@ of a targeted attack. Families live in their own files:
 New losses register with :func:`register` and are then available by name.
 """
 import dataclasses
-import difflib
 
 import torch
 
 from .. import plugins
-from ..errors import ManipBenchError
+from ..errors import ManipBenchError, unknown_name
 
 
 @dataclasses.dataclass
@@ -88,9 +87,7 @@ def get_class(name):
     """The loss class registered as ``name`` (a clear error with a close match otherwise)."""
     plugins.load()
     if name not in LOSSES:
-        close = difflib.get_close_matches(str(name), LOSSES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ManipBenchError(f"unknown loss {name!r}.{hint} Available: {', '.join(available())}")
+        raise unknown_name("loss", name, LOSSES)
     return LOSSES[name]
 
 

@@ -7,7 +7,6 @@ Every model returned by :func:`load` is in eval mode, takes images in [0, 1] of 
 away, and :class:`~manip_bench.models.cifar_resnet.CifarResNet`, a ResNet-20 with batch norm)
 carry their own ``normalize`` and their weights ship inside the package.
 """
-import difflib
 import os
 import pickle
 from collections import OrderedDict, namedtuple
@@ -18,13 +17,16 @@ import torch
 from torch import nn
 
 from .. import plugins
-from ..errors import ManipBenchError
+from ..defaults import DEFAULT_MODEL
+from ..errors import ManipBenchError, unknown_name
 from .cifar_resnet import CifarResNet
 from .cifar_vgg import CIFAR10_CLASSES, CifarVGG, Normalize
 
-DEFAULT_MODEL = "cifar_vgg"
 CIFAR_VGG_WEIGHTS = Path(__file__).with_name("cifar_vgg.pt")
+#: PatternAttribution's patterns for CifarVGG with those weights (``CifarVGG.shipped_patterns``)
+CIFAR_VGG_PATTERNS = Path(__file__).with_name("cifar_vgg_patterns.pt")
 CIFAR_RESNET_WEIGHTS = Path(__file__).with_name("cifar_resnet.pt")
+CIFAR_VGG_ROBUST_WEIGHTS = Path(__file__).with_name("cifar_vgg_robust.pt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_MODELS = ("alexnet", "densenet121", "resnet18", "vgg16")
@@ -39,6 +41,12 @@ EMBEDDED_MODELS = {
     "cifar_vgg": EmbeddedModel(CifarVGG, "CIFAR_VGG_WEIGHTS", 32, CIFAR10_CLASSES, "CIFAR-10", ""),
     "cifar_resnet": EmbeddedModel(CifarResNet, "CIFAR_RESNET_WEIGHTS", 32, CIFAR10_CLASSES,
                                   "CIFAR-10", " --arch resnet"),
+    # cifar_vgg fine-tuned with a penalty on the input Hessian (Dombrowski et al. 2022)
+    "cifar_vgg_robust": EmbeddedModel(
+        CifarVGG, "CIFAR_VGG_ROBUST_WEIGHTS", 32, CIFAR10_CLASSES, "CIFAR-10",
+        " --init manip_bench/models/cifar_vgg.pt --epochs 2 --lr 0.005 --curvature-penalty 1e-5"
+        " --curvature-beta 10 --clip-grad-norm 1 --threads 1 --workers 1 --device cpu"
+        " --channels-last --eval-every 1"),
 }
 
 
@@ -81,9 +89,7 @@ def embedded_weights_path(name):
 
 def _check_name(name):
     if name not in available():
-        close = difflib.get_close_matches(str(name), available(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ManipBenchError(f"unknown model {name!r}.{hint} Available: {', '.join(available())}")
+        raise unknown_name("model", name, available())
     return name
 
 
@@ -240,8 +246,9 @@ def _load_file(model, name, path):
     model.load_state_dict(state)
 
 
-__all__ = ["CIFAR_RESNET_WEIGHTS", "CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL", "EMBEDDED_MODELS",
-           "REGISTERED_MODELS", "register",
+__all__ = ["CIFAR_RESNET_WEIGHTS", "CIFAR_VGG_PATTERNS", "CIFAR_VGG_ROBUST_WEIGHTS",
+           "CIFAR_VGG_WEIGHTS", "DEFAULT_MODEL",
+           "EMBEDDED_MODELS", "REGISTERED_MODELS", "register",
            "IMAGENET_MEAN", "IMAGENET_STD", "TORCHVISION_MODELS", "available",
            "cached_weights_path", "class_names", "describe", "embedded_weights_path",
            "input_size", "load"]

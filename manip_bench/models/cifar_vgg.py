@@ -61,6 +61,12 @@ class CifarVGG(nn.Module):
         x = self.features(self.normalize(x))
         return self.classifier(torch.flatten(x, 1))
 
+    def shipped_patterns(self):
+        """PatternAttribution's default (:mod:`manip_bench.attributors.pattern`): the patterns
+        file shipped for this architecture and the weights file they were estimated for."""
+        from . import CIFAR_VGG_PATTERNS, CIFAR_VGG_WEIGHTS  # the zoo's files, patchable there
+        return CIFAR_VGG_PATTERNS, CIFAR_VGG_WEIGHTS
+
 
 def fold_batch_norm(model):
     """Return a batch-norm-free ``CifarVGG`` computing the same function (eval mode)."""

@@ -15,7 +15,27 @@ batch norm folded into the convolutions, and only the folded model's float32
 ``state_dict`` is saved. With ``--arch resnet`` a ``CifarResNet`` is trained
 (residual branches start as identity) and its plain ``state_dict``, batch norm
 included, is saved. ``--threads`` caps PyTorch's CPU threads.
+
+Fine-tuning against explanation manipulation (Dombrowski et al. 2022, "Towards robust
+explanations for deep neural networks")::
+
+    python -m manip_bench.models.train_cifar --data DIR --init cifar_vgg.pt \
+        --curvature-penalty 1e-3 --out cifar_vgg_robust.pt
+
+``--init PATH`` starts from a saved ``state_dict`` of the architecture the script saves
+(for ``--arch vgg`` the batch-norm-free ``CifarVGG``, so nothing is folded afterwards).
+``--curvature-penalty LAMBDA`` adds ``LAMBDA * P`` to the cross-entropy, where ``P`` is the
+mean over images of ``||H||_F^2``, ``H`` the Hessian with respect to the input image of the
+true-class logit of the network's Softplus(``--curvature-beta``) copy (a ReLU network has
+zero Hessian almost everywhere). ``P`` is estimated with one Hutchinson probe per image
+(``E_v ||H v||^2 = ||H||_F^2`` for a Rademacher ``v``): one Hessian-vector product by double
+backpropagation, kept differentiable in the weights, on the first ``--curvature-batch``
+images of each batch. Its gradient is heavy-tailed: ``--clip-grad-norm`` bounds each step. ``H`` is not divided by the gradient norm (the level sets' curvature
+is ``~ H / |grad|``): the ratio rewards inflating the gradient and blows up where it is small;
+report both when judging the result, since shrinking the logit's scale also shrinks ``H``.
+Weight decay (``--weight-decay``) is the other half of the defence.
 """
+import contextlib
 import argparse
 import math
 import os
@@ -63,6 +83,19 @@ def parse_args(argv=None):
                         help="torch.set_num_threads for CPU training (default: PyTorch's choice)")
     parser.add_argument("--channels-last", action="store_true",
                         help="train in channels-last memory format (faster convolutions on CPU)")
+    parser.add_argument("--init", metavar="PATH", default=None,
+                        help="start from this state_dict (the saved format: batch-norm-free "
+                             "CifarVGG for --arch vgg) instead of a random initialisation")
+    parser.add_argument("--curvature-penalty", type=float, default=0.0, metavar="LAMBDA",
+                        help="weight of the input-Hessian penalty (squared Frobenius norm of the "
+                             "true-class logit's Hessian, Softplus network); 0 disables it")
+    parser.add_argument("--curvature-beta", type=float, default=10.0, metavar="BETA",
+                        help="Softplus beta of the network the curvature penalty is measured on")
+    parser.add_argument("--curvature-batch", type=int, default=32, metavar="N",
+                        help="images of each training batch the curvature penalty uses")
+    parser.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                        help="clip the gradient's total norm to MAX before each step (the "
+                             "curvature penalty's gradient is heavy-tailed); default: no clipping")
     return parser.parse_args(argv)
 
 
@@ -190,6 +223,63 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
+@contextlib.contextmanager
+def softplus_activations(model, beta):
+    """Temporarily replace every ``nn.ReLU`` submodule of ``model`` by ``nn.Softplus(beta)``.
+
+    The graph built inside keeps the softplus, so it can be differentiated after the
+    ReLUs are back. Both embedded architectures use one ``nn.ReLU`` module per use.
+    """
+    swapped = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if isinstance(child, nn.ReLU)]
+    if not swapped:
+        raise ManipBenchError("the curvature penalty needs nn.ReLU modules to swap for softplus")
+    for parent, name, _ in swapped:
+        setattr(parent, name, nn.Softplus(beta))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def hessian_penalty(model, inputs, labels, beta, probes=1, generator=None, create_graph=True):
+    """Hutchinson estimate of ``||H||_F^2`` per image, shape (N,).
+
+    ``H`` is the Hessian, with respect to the input, of the ``labels`` logit of ``model``
+    with its ReLUs replaced by Softplus(``beta``): the mean of ``||H v||^2`` over ``probes``
+    Rademacher vectors ``v`` (drawn from ``generator``), each one Hessian-vector product.
+    With ``create_graph`` the result can be backpropagated to the weights.
+    """
+    x = inputs.detach().requires_grad_(True)
+    with softplus_activations(model, beta):
+        logit = model(x).gather(1, labels.view(-1, 1)).sum()
+    grad, = torch.autograd.grad(logit, x, create_graph=True)
+    total = torch.zeros(len(x), device=x.device)
+    for _ in range(probes):
+        v = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+        hv, = torch.autograd.grad((grad * v).sum(), x, create_graph=create_graph,
+                                  retain_graph=True)
+        total = total + hv.pow(2).flatten(1).sum(1)
+    return total / probes
+
+
+def held_out_penalty(model, images, labels, beta, count=128, probes=8, seed=0):
+    """Mean ``||H||_F^2`` (softplus network) on a fixed seeded subset of ``images``: the same
+    images and probe vectors on every call, so values before and after training compare."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(images), generator=generator)[:count].to(images.device)
+    probe_generator = torch.Generator(device=images.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    values = torch.cat([
+        hessian_penalty(model, to_float(images[index[i:i + 32]]), labels[index[i:i + 32]], beta,
+                        probes, probe_generator, create_graph=False).detach()
+        for i in range(0, len(index), 32)])
+    model.train(was_training)
+    return values.mean().item(), len(index)
+
+
 def train(model, data, args, device):
     """One-cycle training; prints the loss and, every ``--eval-every`` epochs, test accuracy."""
     train_images, train_labels = data["train"]
@@ -203,18 +293,32 @@ def train(model, data, args, device):
         model.train()
         order = torch.randperm(len(train_images), device=device)
         total_loss = torch.zeros((), device=device)
+        total_penalty = torch.zeros((), device=device)
         for start in range(0, len(order), args.batch_size):
             index = order[start:start + args.batch_size]
             inputs = to_float(augment(train_images[index]))
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             loss = criterion(model(inputs), train_labels[index])
+            if args.curvature_penalty:
+                # on the function the model computes in eval mode (batch norm: running stats)
+                model.eval()
+                penalty = hessian_penalty(model, inputs[:args.curvature_batch],
+                                          train_labels[index[:args.curvature_batch]],
+                                          args.curvature_beta).mean()
+                model.train()
+                loss = loss + args.curvature_penalty * penalty
+                total_penalty += penalty.detach() * len(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
             optimizer.step()
             schedule.step()
             total_loss += loss.detach() * len(index)
         message = f"epoch {epoch:3d}/{args.epochs}  loss {total_loss.item() / len(order):.4f}"
+        if args.curvature_penalty:
+            message += f"  hessian penalty {total_penalty.item() / len(order):.1f}"
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             message += f"  test acc {accuracy(predict(model, test_images), test_labels):.4f}"
         print(message, flush=True)
@@ -258,10 +362,20 @@ def main(argv=None):
           f"loaded in {time.perf_counter() - started:.1f}s", flush=True)
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels) in data.items()}
 
-    if args.arch == "vgg":
+    if args.init is not None:  # the saved format: batch norm already folded for vgg
+        model = ARCHITECTURES[args.arch]()
+        model.load_state_dict(torch.load(args.init, weights_only=True, map_location="cpu"))
+        model = model.to(device)
+        acc = accuracy(predict(model, data["test"][0]), data["test"][1])
+        print(f"initial test acc {acc:.4f} ({args.init})", flush=True)
+    elif args.arch == "vgg":
         model = CifarVGG(batch_norm=True).to(device)
     else:
         model = zero_init_residuals(CifarResNet()).to(device)
+    if args.curvature_penalty:
+        value, count = held_out_penalty(model, *data["test"], args.curvature_beta, seed=args.seed)
+        print(f"hessian penalty (softplus beta {args.curvature_beta:g}) on {count} test images "
+              f"before training: {value:.1f}", flush=True)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_started = time.perf_counter()
@@ -270,7 +384,11 @@ def main(argv=None):
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - train_started
 
-    if args.arch == "vgg":
+    if args.curvature_penalty:
+        value, count = held_out_penalty(model, *data["test"], args.curvature_beta, seed=args.seed)
+        print(f"hessian penalty (softplus beta {args.curvature_beta:g}) on {count} test images "
+              f"after training: {value:.1f}", flush=True)
+    if args.arch == "vgg" and args.init is None:
         model, acc = fold_and_check(model, *data["test"])
     else:
         acc = accuracy(predict(model, data["test"][0]), data["test"][1])

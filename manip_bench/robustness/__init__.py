@@ -28,8 +28,8 @@ The PCC the target had *before* the attack is reported next to it (``target_pcc_
 from .check import DEFAULT_ITERATIONS, DEFAULT_LINF, check_folder, check_robustness, manipulability
 from .quantus import ManipulationRobustness
 from .recognise import SUPPORTED_CAPTUM, SUPPORTED_ZENNIT  # noqa: F401 - reachable here
-from .recognise import Method, recognise
+from .recognise import RecognisedMethod, recognise
 from .report import RobustnessReport
 
-__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "ManipulationRobustness", "Method",
+__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "ManipulationRobustness", "RecognisedMethod",
            "RobustnessReport", "check_folder", "check_robustness", "manipulability", "recognise"]

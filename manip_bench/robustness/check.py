@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import attributors, data, heatmaps, metrics, models
+from .. import attributors, data, defences, heatmaps, metrics, models
 from ..attack import ManipulationAttack
+from ..defaults import CHECK_ITERATIONS as DEFAULT_ITERATIONS  # attack iterations
 from ..errors import ManipBenchError
 from ..runtime import private_random_state
 from ..threat import DEFAULT_BUDGET, Budget
@@ -26,8 +27,6 @@ from .report import RobustnessReport
 
 #: default L-inf budget in pixel units (images in [0, 1])
 DEFAULT_LINF = 8 / 255
-#: default number of attack iterations
-DEFAULT_ITERATIONS = 200
 _UNSET = object()
 
 
@@ -72,7 +71,7 @@ def _device(model):
 
 def check_robustness(explainer, inputs, target=None, *, model=None, target_map=None,
                      iterations=DEFAULT_ITERATIONS, budget=DEFAULT_BUDGET, linf=_UNSET, lr=None,
-                     smooth_beta=None, seed=0, progress=False, **attribute_kwargs):
+                     defence=None, seed=0, progress=False, **attribute_kwargs):
     """Attack the explanations of ``inputs`` and report how far they can be manipulated.
 
     Parameters
@@ -105,9 +104,9 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
     lr : float, optional
         Use the paper's fixed-rate Adam with this step (pixel units) instead of the
         self-tuning schedule.
-    smooth_beta : float, optional
-        Also assess the beta-smoothed explanation (Softplus(beta) network; gradient-type
-        methods), reported in ``report.smoothed``: what the defence buys.
+    defence : str or manip_bench.defences.BetaSmoothing, optional
+        Also assess the explanation under this defence (``"beta=2"``: the beta-smoothed
+        model, any method), reported in ``report.smoothed``: what the defence buys.
     seed : int or None
         Seeds torch and NumPy inside the check (the caller's random state is restored).
     progress : bool
@@ -130,9 +129,7 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
             f"{method.source} cannot be assessed: {cls.not_attackable_reason}, so no gradient "
             f"attack can run on it (this is no evidence that it is robust). Supported: "
             f"{', '.join(SUPPORTED_CAPTUM)}; zennit {', '.join(SUPPORTED_ZENNIT)}")
-    if smooth_beta is not None and not cls.needs_softplus:
-        raise ManipBenchError(f"{method.source}: smooth_beta applies to gradient-type methods "
-                              f"only (LRP rules on a softplus network do not conserve relevance)")
+    defence = defences.parse(defence)
     device = _device(method.model)
     x = _images(inputs, device)
     if linf is not _UNSET:
@@ -159,8 +156,8 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
         run = dict(method=method, x=x, keep=keep, target_map=maps, options=attack_options,
                    progress=progress, seed=seed, skipped=skipped)
         report = _assess(explain, **run)
-        if smooth_beta is not None:
-            report.smoothed = _assess(method.create(smooth_beta), **run)
+        if defence is not None:
+            report.smoothed = _assess(method.create(defence), **run, defence=defence)
             pairs = zip(report.smoothed.per_sample["class"], report.per_sample["class"])
             agrees = [a == b for a, b in pairs]
             report.smoothed.per_sample["same_class_as_unsmoothed"] = agrees
@@ -202,7 +199,8 @@ def _target_maps(target_map, keep, n):
                           f"got {tuple(target_map.shape)}")
 
 
-def _assess(explain, method, x, keep, target_map, options, progress, seed, skipped):
+def _assess(explain, method, x, keep, target_map, options, progress, seed, skipped,
+            defence=None):
     attack = ManipulationAttack(method.model, explain, progress=progress, **options)
     x = x[keep]
     if target_map is None:
@@ -226,7 +224,7 @@ def _assess(explain, method, x, keep, target_map, options, progress, seed, skipp
     per_sample["manipulability"] = manipulability(m["expl_target_pcc"], m["class_kept"])
     return RobustnessReport(
         method=method.name, source=method.source, options=method.options,
-        smooth_beta=explain.smooth_beta, budget={"iterations": result.iterations,
+        defence=defences.spec_of(defence), budget={"iterations": result.iterations,
                                                  **result.describe()},
         seed=seed, per_sample=per_sample,
         score=float(np.median(per_sample["manipulability"])), skipped=dict(skipped),

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from captum.attr import (
     LRP,
+    Attribution,
     DeepLift,
     GradientShap,
     GuidedBackprop,
@@ -12,7 +13,6 @@ from captum.attr import (
     IntegratedGradients,
     Saliency,
 )
-from captum.attr._utils.attribution import Attribution
 
 from ..errors import ManipBenchError
 from ..threat import DEFAULT_BUDGET

@@ -1,7 +1,7 @@
 """Recognise the user's explanation method: a Captum object, a Zennit composite or a registry name.
 
 :func:`recognise` maps what the user already explains with onto a registry attributor name
-plus options (:class:`Method`), reading the settings from the Captum object's
+plus options (:class:`RecognisedMethod`), reading the settings from the Captum object's
 ``attribute()`` arguments or from the composite's rules, and refusing by name what has no
 matching differentiable adapter. The Captum object and the composite are only read.
 """
@@ -9,11 +9,12 @@ import dataclasses
 import types
 
 import torch
-from captum._utils.gradient import compute_gradients
 from captum.attr import (
     LRP,
+    Attribution,
     DeepLift,
     Deconvolution,
+    GradientAttribution,
     GradientShap,
     GuidedBackprop,
     InputXGradient,
@@ -21,9 +22,6 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from captum.attr._core.lrp import SUPPORTED_LAYERS_WITH_RULES
-from captum.attr._utils.attribution import Attribution, GradientAttribution
-from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 from zennit import composites as zennit_composites
 from zennit.canonizers import MergeBatchNorm
@@ -31,7 +29,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit import core as zennit_core
 from zennit import rules as zennit_rules
 
-from .. import attributors
+from .. import _compat, attributors, defences
 from ..errors import ManipBenchError
 
 SUPPORTED_CAPTUM = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
@@ -40,7 +38,7 @@ SUPPORTED_ZENNIT = ("EpsilonPlusFlat", "EpsilonPlus", "EpsilonAlpha2Beta1", "Eps
 
 
 @dataclasses.dataclass
-class Method:
+class RecognisedMethod:
     """A recognised explanation method: registry ``name`` + ``options`` on ``model``.
 
     ``source`` says what the user passed, with the settings that were read from it.
@@ -51,9 +49,9 @@ class Method:
     model: nn.Module
     source: str
 
-    def create(self, smooth_beta=None):
-        """The differentiable attributor (on a private copy of the model)."""
-        return attributors.create(self.name, self.model, smooth_beta=smooth_beta, **self.options)
+    def create(self, defence=None):
+        """The differentiable attributor (on a private copy of the model, under ``defence``)."""
+        return attributors.create(self.name, defences.apply(defence, self.model), **self.options)
 
 
 class _Arguments:
@@ -183,13 +181,14 @@ def _lrp_epsilon(model):
     The adapter applies epsilon to convolutions, linear and average-pool layers and passes
     relevance through max-pool layers as Captum's default (epsilon 1e-9) does.
     """
-    default = EpsilonRule().STABILITY_FACTOR
+    epsilon_rule = _compat.EpsilonRule
+    default = epsilon_rule().STABILITY_FACTOR
     epsilons = set()
     for name, module in model.named_modules():
         rule = getattr(module, "rule", "default")
-        if rule == "default" and type(module) not in SUPPORTED_LAYERS_WITH_RULES:
+        if rule == "default" and type(module) not in _compat.SUPPORTED_LAYERS_WITH_RULES:
             continue
-        if rule is not None and rule != "default" and type(rule) is not EpsilonRule:
+        if rule is not None and rule != "default" and type(rule) is not epsilon_rule:
             raise ManipBenchError(f"LRP: layer {name!r} has rule {type(rule).__name__}; only "
                                   f"Captum's default rules or EpsilonRule are supported (use a "
                                   f"Zennit composite for other rules)")
@@ -232,7 +231,7 @@ def _from_captum(explainer, model, kwargs):
         raise ManipBenchError(f"{method}: model= differs from the Captum object's forward_func; "
                               f"leave model out (the Captum object's own model is used)")
     inner = getattr(explainer, "attribution_method", explainer)
-    if isinstance(inner, GradientAttribution) and inner.gradient_func is not compute_gradients:
+    if isinstance(inner, GradientAttribution) and not _compat.has_default_gradient_func(inner):
         raise ManipBenchError(f"{method}: a replaced gradient_func is not supported; use the "
                               f"object as Captum constructs it")
     args = _Arguments(method, kwargs)
@@ -241,7 +240,7 @@ def _from_captum(explainer, model, kwargs):
     label = type(inner).__name__
     label = f"NoiseTunnel({label})" if inner is not explainer else label
     settings = ", ".join(f"{k}={_plain(v)!r}" for k, v in shown.items())
-    return Method(name, options, forward, f"captum.attr.{label}({settings})")
+    return RecognisedMethod(name, options, forward, f"captum.attr.{label}({settings})")
 
 
 #: exact Zennit composite class -> (registry name, parameters it carries)
@@ -254,24 +253,17 @@ _ZENNIT = {
 }
 
 
-def _closure(function):
-    """A function's captured variables by name."""
-    cells = function.__closure__ or ()
-    return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, cells)}
-
-
 def _composite_parameters(composite):
     """Read epsilon (and gamma, low, high) back from a built-in composite's rules."""
     params = {}
     rules = [rule for _, rule in composite.layer_map + getattr(composite, "first_map", [])]
     for rule in rules:
         if type(rule) is zennit_rules.Epsilon:
-            params["epsilon"] = _closure(rule.gradient_mapper)["stabilizer_fn"].epsilon
+            params["epsilon"] = _compat.rule_stabilizer(rule).epsilon
         elif type(rule) is zennit_rules.Gamma:
-            params["gamma"] = _closure(rule.param_modifiers[0].modifier)["gamma"]
+            params["gamma"] = _compat.rule_gamma(rule)
         elif type(rule) is zennit_rules.ZBox:
-            params["low"] = _closure(rule.input_modifiers[1])["low"]
-            params["high"] = _closure(rule.input_modifiers[2])["high"]
+            params["low"], params["high"] = _compat.rule_box_bounds(rule)
     return params
 
 
@@ -290,8 +282,10 @@ def _fingerprint(value, depth=0):
         return tuple((k, _fingerprint(v, depth + 1)) for k, v in sorted(value.items()))
     if isinstance(value, types.BuiltinFunctionType):
         return value
-    if hasattr(value, "__code__"):
-        return ("function", value.__code__, _fingerprint(_closure(value), depth + 1))
+    function = _compat.function_parts(value)
+    if function is not None:
+        code, closure = function
+        return ("function", code, _fingerprint(closure, depth + 1))
     if isinstance(value, zennit_core.BasicHook):
         parts = (value.input_modifiers, value.param_modifiers, value.output_modifiers,
                  value.gradient_mapper, value.reducer)
@@ -331,7 +325,7 @@ def _from_zennit(composite, model, kwargs):
         raise customised
     options = dict(params, canonizers=_canonizers(composite.canonizers, model, method))
     shown = ", ".join(f"{k}={_plain(v)!r}" for k, v in params.items())
-    return Method(name, options, model, f"zennit.composites.{method}({shown})")
+    return RecognisedMethod(name, options, model, f"zennit.composites.{method}({shown})")
 
 
 #: Zennit's own canonizers for batch norm and torchvision's ResNet/VGG blocks
@@ -368,7 +362,7 @@ def recognise(explainer, model=None, **attribute_kwargs):
 
     Returns
     -------
-    Method
+    RecognisedMethod
     """
     if isinstance(explainer, Attribution):
         return _from_captum(explainer, model, attribute_kwargs)
@@ -379,15 +373,14 @@ def recognise(explainer, model=None, **attribute_kwargs):
         if model is None:
             raise ManipBenchError(f"{explainer}: pass the model too: "
                                   f"check_robustness({explainer!r}, inputs, model=model)")
-        accepted = [key for key in attributors.options(explainer) if key != "smooth_beta"]
+        accepted = list(attributors.options(explainer))
         unknown = sorted(set(attribute_kwargs) - set(accepted))
         if unknown:
             raise ManipBenchError(f"{explainer} does not take option(s) {', '.join(unknown)}; it "
-                                  f"takes: {', '.join(accepted) or 'none'} (and check_robustness "
-                                  f"takes smooth_beta=)")
+                                  f"takes: {', '.join(accepted) or 'none'}")
         shown = ", ".join(f"{k}={_plain(v)!r}" for k, v in attribute_kwargs.items())
-        return Method(explainer, dict(attribute_kwargs), model,
-                      f"{explainer}({shown})" if shown else explainer)
+        return RecognisedMethod(explainer, dict(attribute_kwargs), model,
+                                f"{explainer}({shown})" if shown else explainer)
     if isinstance(explainer, type) and issubclass(explainer, Attribution):
         raise ManipBenchError(f"pass an instance, e.g. {explainer.__name__}(model), not the class")
     raise ManipBenchError(
@@ -407,4 +400,4 @@ def _plain(value):
     return type(value).__name__
 
 
-__all__ = ["SUPPORTED_CAPTUM", "SUPPORTED_ZENNIT", "Method", "recognise"]
+__all__ = ["SUPPORTED_CAPTUM", "SUPPORTED_ZENNIT", "RecognisedMethod", "recognise"]

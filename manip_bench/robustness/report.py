@@ -2,7 +2,7 @@
 import dataclasses
 import io
 
-from .. import metrics
+from .. import defences, metrics
 from ..threat import Budget
 from .recognise import _plain
 
@@ -30,7 +30,8 @@ class RobustnessReport:
     """What :func:`check_robustness` found, per input and aggregated.
 
     ``score`` is the median of ``per_sample["manipulability"]`` (:mod:`manip_bench.robustness`);
-    ``smoothed`` the same report for the beta-smoothed explanation (or None), with
+    ``defence`` names the defence the explanation was computed under (``"beta=2"``, or
+    None); ``smoothed`` the same report for the defended (beta-smoothed) explanation (or None), with
     ``agreement`` the fraction of inputs whose smoothed prediction equals the original one;
     ``result`` the underlying :class:`~manip_bench.attack.AttackResult` (images, maps);
     ``names`` optional names of the inputs (file names), indexed like the inputs.
@@ -39,7 +40,7 @@ class RobustnessReport:
     method: str
     source: str
     options: dict
-    smooth_beta: float
+    defence: str
     budget: dict
     seed: int
     per_sample: dict
@@ -61,7 +62,7 @@ class RobustnessReport:
         return {
             "method": self.method, "source": self.source,
             "options": {k: _plain(v) for k, v in self.options.items()},
-            "smooth_beta": self.smooth_beta, "budget": dict(self.budget), "seed": self.seed,
+            "defence": self.defence, "budget": dict(self.budget), "seed": self.seed,
             "score": self.score, "summary": self.summary(),
             "per_sample": {k: list(v) for k, v in self.per_sample.items()},
             "skipped": {str(k): v for k, v in self.skipped.items()},
@@ -74,7 +75,7 @@ class RobustnessReport:
         from rich import box  # imported when drawn: `import manip_bench` stays light
         from rich.table import Table
         from rich.text import Text
-        beta = f", β-smoothed (β={self.smooth_beta:g})" if self.smooth_beta is not None else ""
+        beta = f", {defences.parse(self.defence).describe()}" if self.defence else ""
         options = ", ".join(f"{k}={_plain(v)}" for k, v in self.options.items())
         method = (self.source if self.source.startswith(self.method)
                   else f"{self.source} → {self.method}({options})")
@@ -108,7 +109,7 @@ class RobustnessReport:
                                                  for i, why in self.skipped.items()))
         if self.smoothed is not None:
             parts += ["", *self.smoothed._parts()]
-            parts.append(f"β-smoothing (β={self.smoothed.smooth_beta:g}) changes the "
+            parts.append(f"the defence ({defences.parse(self.smoothed.defence).describe()}) changes the "
                          f"manipulability from {self.score:.2f} to {self.smoothed.score:.2f}; "
                          f"its prediction agrees with the original (ReLU) model's on "
                          f"{self.smoothed.agreement:.0%} of the inputs (column 'same class as "

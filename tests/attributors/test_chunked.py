@@ -38,6 +38,13 @@ def attack_gradient(explain, x, target, target_map):
     return relevance.detach(), gradient
 
 
+def surrogate(name, model, **options):
+    """The attributor on the attack's softplus surrogate at beta 5 (ReLU: no second derivative)."""
+    explain = attributors.create(name, model, **options)
+    explain.set_beta(5.0)
+    return explain
+
+
 @pytest.fixture
 def setting():
     torch.manual_seed(2)
@@ -51,8 +58,8 @@ def setting():
 def test_chunked_map_and_attack_gradient_equal_all_at_once(name, chunk, setting):
     model, x, target, target_map = setting
     options, _ = SAMPLED[name]
-    whole = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=None, **options)
-    chunked = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=chunk, **options)
+    whole = surrogate(name, model, internal_batch_size=None, **options)
+    chunked = surrogate(name, model, internal_batch_size=chunk, **options)
     expected_map, expected_gradient = attack_gradient(whole, x, target, target_map)
     chunked_map, chunked_gradient = attack_gradient(chunked, x, target, target_map)
     assert expected_gradient.abs().sum() > 0
@@ -64,7 +71,7 @@ def test_chunked_map_and_attack_gradient_equal_all_at_once(name, chunk, setting)
 def test_every_pass_takes_at_most_one_chunk(name, setting):
     model, x, target, target_map = setting
     options, rows = SAMPLED[name]
-    explain = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=3, **options)
+    explain = surrogate(name, model, internal_batch_size=3, **options)
     explain(x, target)  # the first call also runs the model once to count its classes
     passes = []
     handle = explain.model.register_forward_pre_hook(
@@ -83,7 +90,7 @@ def test_rows_that_fit_one_chunk_are_computed_in_one_pass(name, setting):
     """Chunking would only add work: the map keeps its graph, one pass over all rows."""
     model, x, target, _ = setting
     options, rows = SAMPLED[name]
-    explain = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=rows,
+    explain = surrogate(name, model, internal_batch_size=rows,
                                  **options)
     explain(x, target)
     passes = []
@@ -130,7 +137,7 @@ def test_output_keeps_its_graph(name, setting):
     options, _ = SAMPLED[name]
     gradients = []
     for chunk in (None, 3):
-        explain = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=chunk,
+        explain = surrogate(name, model, internal_batch_size=chunk,
                                      **options)
         x_in = x.clone().requires_grad_()
         output, _ = seeded(lambda: explain(x_in, target))
@@ -144,14 +151,14 @@ def test_backward_uses_the_beta_of_the_forward(name, setting):
     """Changing beta between explaining and differentiating does not change the derivative."""
     model, x, target, _ = setting
     options, _ = SAMPLED[name]
-    explain = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=4, **options)
+    explain = surrogate(name, model, internal_batch_size=4, **options)
     x_in = x.clone().requires_grad_()
     _, relevance = seeded(lambda: explain(x_in, target))
     explain.set_beta(50.0)
     (gradient,) = torch.autograd.grad(relevance.square().sum(), x_in)
     assert explain.activations[0].beta == 50.0
     reference_in = x.clone().requires_grad_()
-    reference = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=None,
+    reference = surrogate(name, model, internal_batch_size=None,
                                    **options)
     _, reference_relevance = seeded(lambda: reference(reference_in, target))
     (reference_gradient,) = torch.autograd.grad(reference_relevance.square().sum(), reference_in)
@@ -167,7 +174,7 @@ def test_second_differentiation_equals_all_at_once(name, setting):
     vector = torch.rand_like(x)
     products = []
     for chunk in (None, 5):
-        explain = attributors.create(name, model, smooth_beta=5.0, internal_batch_size=chunk,
+        explain = surrogate(name, model, internal_batch_size=chunk,
                                      **options)
         x_in = x.clone().requires_grad_()
         _, relevance = seeded(lambda: explain(x_in, target))
@@ -179,8 +186,8 @@ def test_second_differentiation_equals_all_at_once(name, setting):
 
 def test_gradcheck_of_a_chunked_map(setting):
     model, x, target, _ = setting
-    explain = attributors.create("captum.gradient_shap", model, smooth_beta=5.0,
-                                 internal_batch_size=3, samples=4, stdev=0.05)
+    explain = surrogate("captum.gradient_shap", model,
+                        internal_batch_size=3, samples=4, stdev=0.05)
     x = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda x: seeded(lambda: explain(x, target)[1]), (x,),
                                     eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from manip_bench import ManipBenchError, attributors
+from manip_bench import ManipBenchError, attributors, defences
 
 
 def snapshot(model):
@@ -81,7 +81,7 @@ def test_unknown_name_suggests_a_close_match(plain_cnn):
 
 
 def test_unknown_option_lists_valid_options(plain_cnn):
-    with pytest.raises(ManipBenchError, match="takes: smooth_beta, steps, method"):
+    with pytest.raises(ManipBenchError, match="takes: steps, method, internal_batch_size"):
         attributors.create("captum.integrated_gradients", plain_cnn, n_step=3)
 
 
@@ -116,24 +116,16 @@ class FunctionalReLUNet(nn.Module):
 
 
 def test_smoothing_reaches_functional_relu_calls():
-    """Formerly refused: F.relu calls are now swapped for softplus like nn.ReLU modules."""
+    """F.relu calls are swapped for softplus like nn.ReLU modules (by the attack and the defence)."""
     torch.manual_seed(0)
     model, x = FunctionalReLUNet(), torch.rand(2, 3, 16, 16)
-    smooth = attributors.create("captum.saliency", model, smooth_beta=10.0)
+    smooth = attributors.create("captum.saliency", defences.beta_smooth(model, 10.0))
     plain = attributors.create("captum.saliency", model)
     assert not torch.allclose(smooth(x, 0)[1], plain(x, 0)[1])
-    assert smooth.functional.calls > 0 and plain.functional.calls > 0
-
-
-def test_smoothing_lrp_is_an_error(plain_cnn):
-    with pytest.raises(ManipBenchError, match="gradient-type methods only"):
-        attributors.create("zennit.epsilon", plain_cnn, smooth_beta=10.0)
-
-
-def test_smooth_beta_changes_the_map(plain_cnn, images):
-    relu_map = attributors.create("captum.saliency", plain_cnn)(images, 0)[1]
-    smooth_map = attributors.create("captum.saliency", plain_cnn, smooth_beta=2.0)(images, 0)[1]
-    assert not torch.allclose(relu_map, smooth_map)
+    assert plain.functional.calls > 0 and smooth.smoothed
+    surrogate = attributors.create("captum.saliency", model)
+    surrogate.set_beta(10.0)
+    torch.testing.assert_close(surrogate(x, 0)[1], smooth(x, 0)[1])
 
 
 def test_non_module_model_is_an_error():

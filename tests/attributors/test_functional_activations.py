@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from manip_bench import ManipBenchError, ManipulationAttack, attributors, data, metrics, models
+from manip_bench import ManipBenchError, ManipulationAttack, attributors, data, defences, metrics, models
 
 GRADIENT = [n for n in attributors.GROUPS["gradient"] if not n.startswith("pattern.")]
 
@@ -49,7 +49,8 @@ def reference_saliency(model, x, target, beta):
 def test_saliency_of_functional_relus_equals_the_written_out_network(act, beta):
     model, x = Written(act).eval(), torch.rand(2, 3, 6, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    explain = attributors.create("captum.saliency", model, smooth_beta=beta)
+    explained = model if beta is None else defences.beta_smooth(model, beta)
+    explain = attributors.create("captum.saliency", explained)
     _, relevance = explain(x, 1)
     assert torch.allclose(relevance, reference_saliency(model, x, 1, beta), atol=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -58,7 +59,7 @@ def test_saliency_of_functional_relus_equals_the_written_out_network(act, beta):
 
 def test_second_derivative_through_functional_softplus_matches_finite_differences():
     model = Written("inplace").double().eval()
-    explain = attributors.create("captum.input_x_gradient", model, smooth_beta=3.0)
+    explain = attributors.create("captum.input_x_gradient", defences.beta_smooth(model, 3.0))
     x = torch.rand(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: explain(x, 0)[1], (x,))
 
@@ -77,7 +78,11 @@ def test_piecewise_linear_activations_are_refused_when_smoothed():
 
 def test_a_network_without_any_relu_cannot_be_smoothed():
     linear = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    explain = attributors.create("captum.saliency", linear, smooth_beta=2.0)
+    explain = attributors.create("captum.saliency", defences.beta_smooth(linear, 2.0))
+    with pytest.raises(ManipBenchError, match="no ReLU"):
+        explain(torch.rand(1, 3, 2, 2), 0)
+    explain = attributors.create("captum.saliency", linear)
+    explain.set_beta(2.0)  # the attack's surrogate: refused just the same
     with pytest.raises(ManipBenchError, match="no ReLU"):
         explain(torch.rand(1, 3, 2, 2), 0)
 

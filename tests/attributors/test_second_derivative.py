@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_net
-from manip_bench import attributors
+from manip_bench import attributors, defences
 
 # pattern.* need patterns for the model: their gradcheck is in tests/test_patterns.py
 ATTACKABLE = [name for name in attributors.available()
@@ -13,10 +13,11 @@ ATTACKABLE = [name for name in attributors.available()
 
 
 def relevance_fn(name):
-    options = {"smooth_beta": 5.0} if attributors.get_class(name).needs_softplus else {}
-    if name == "captum.integrated_gradients":
-        options["steps"] = 5
-    explain = attributors.create(name, tiny_net(), **options)
+    options = {"steps": 5} if name == "captum.integrated_gradients" else {}
+    model = tiny_net()
+    if attributors.get_class(name).needs_softplus:  # ReLU: zero second derivative
+        model = defences.beta_smooth(model, 5.0)
+    explain = attributors.create(name, model, **options)
     target = torch.tensor([0, 2])
 
     def relevance(x):

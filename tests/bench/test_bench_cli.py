@@ -96,7 +96,6 @@ def test_smooth_command(image_folder, tmp_path):  # noqa: F811
     (["bench", "--models", "vgg17"], "unknown model"),
     (["bench", "--n", "1000"], "bundled images give"),
     (["bench", "--shard", "2/2"], "need 0 <= i < N"),
-    (["smooth", "--attributors", "zennit.epsilon"], "LRP is not smoothed"),
     (["report", "/no/such/folder"], "no such results folder"),
     (["bench", "--budget=-8/255"], ">= 0"),
     (["bench", "--budget", "lots"], "number or a fraction"),

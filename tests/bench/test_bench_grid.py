@@ -17,7 +17,7 @@ from manip_bench import ManipBenchError, attributors, bench, data
 from manip_bench.bench.results import ROW_FIELDS, read_rows, row_key
 from manip_bench.experiment import CONTRACT_METRICS
 
-ROW_KEYS = {"attributor", "model", "pair", "original", "target", "smooth_beta", "options",
+ROW_KEYS = {"attributor", "model", "pair", "original", "target", "defence", "options",
             "preset", "iterations", "seconds", "explain_seconds", "metrics",  # the list
             "budget", "losses", "schedule"}  # how each result was made
 
@@ -36,7 +36,7 @@ def test_tiny_grid_writes_the_expected_rows(tiny_grid, tmp_path):
         (a, i) for a in ("captum.saliency", "zennit.epsilon") for i in range(3)}
     for row in rows:
         assert ROW_KEYS <= set(row) and set(row) == set(ROW_FIELDS)
-        assert row["model"] == "cifar_vgg" and row["iterations"] == 3 and row["smooth_beta"] is None
+        assert row["model"] == "cifar_vgg" and row["iterations"] == 3 and row["defence"] is None
         assert (row["original"], row["target"]) == tiny_grid.pairs[row["pair"]]
         assert set(CONTRACT_METRICS) <= set(row["metrics"])
         assert isinstance(row["metrics"]["class_kept"], bool)

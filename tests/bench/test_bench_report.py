@@ -75,7 +75,7 @@ def test_smooth_sweep_reports_beta_and_smoothgrad(image_folder, tmp_path):  # no
     out = tmp_path / "smooth"
     bench.run_grid(sweep, out, device="cpu")
     rows = bench.read_results(out)
-    assert {r["smooth_beta"] for r in rows} == {None, 2.0, 20.0}
+    assert {r["defence"] for r in rows} == {None, "beta=2", "beta=20"}
     assert all(r["explain_seconds"] > 0 for r in rows)
     console = Console(record=True, width=250)
     result = bench.report(out, console=console)
@@ -86,14 +86,15 @@ def test_smooth_sweep_reports_beta_and_smoothgrad(image_folder, tmp_path):  # no
     assert "explanation" in console.export_text()
 
 
-def test_sweep_refuses_lrp_and_bad_values():
-    with pytest.raises(ManipBenchError, match="LRP is not smoothed"):
-        bench.make_sweep(["zennit.epsilon"])
+def test_sweep_takes_every_method_and_refuses_bad_values():
+    lrp = bench.sweep_methods(["zennit.epsilon"], betas=[5], stdevs="")
+    assert [(m.attributor, m.defence) for m in lrp] == [("zennit.epsilon", None),
+                                                        ("zennit.epsilon", "beta=5")]
     with pytest.raises(ManipBenchError, match="betas must be positive"):
         bench.sweep_methods(["captum.saliency"], betas=[0, 1])
     methods = bench.sweep_methods("captum.saliency", betas="1,5", stdevs="", relu=False)
-    assert [(m.attributor, m.smooth_beta) for m in methods] == [("captum.saliency", 1.0),
-                                                                 ("captum.saliency", 5.0)]
+    assert [(m.attributor, m.defence) for m in methods] == [("captum.saliency", "beta=1"),
+                                                             ("captum.saliency", "beta=5")]
 
 
 def test_manipulability_score_is_the_normalised_area_over_log_budget():
@@ -104,7 +105,7 @@ def test_manipulability_score_is_the_normalised_area_over_log_budget():
     assert manipulability_score(flat) == pytest.approx(0.5)
 
     def row(eps, pair, pcc, kept=True):
-        return {"attributor": "captum.saliency", "model": "m", "pair": pair, "smooth_beta": None,
+        return {"attributor": "captum.saliency", "model": "m", "pair": pair, "defence": None,
                 "options": {}, "budget": {"norm": "linf", "eps": eps},
                 "metrics": {"expl_target_pcc": pcc, "class_kept": kept}}
 

@@ -10,7 +10,7 @@ from manip_bench.bench.results import (ResultsWriter, read_results, read_rows, r
 
 
 def row(pair, attributor="captum.saliency", **extra):
-    return {"attributor": attributor, "model": "cifar_vgg", "pair": pair, "smooth_beta": None,
+    return {"attributor": attributor, "model": "cifar_vgg", "pair": pair, "defence": None,
             "options": {}, "metrics": {"expl_target_pcc": 0.5}, **extra}
 
 

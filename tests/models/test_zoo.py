@@ -35,8 +35,8 @@ def resnet18_state():
 
 
 def test_names_and_facts_need_no_download(offline):
-    assert models.available() == ["alexnet", "cifar_resnet", "cifar_vgg", "densenet121",
-                                  "resnet18", "vgg16"]
+    assert models.available() == ["alexnet", "cifar_resnet", "cifar_vgg", "cifar_vgg_robust",
+                                  "densenet121", "resnet18", "vgg16"]
     assert models.input_size("cifar_vgg") == 32 and models.input_size("vgg16") == 224
     assert models.class_names("cifar_vgg")[:2] == ["airplane", "automobile"]
     assert len(models.class_names("resnet18")) == 1000
@@ -265,3 +265,32 @@ def test_cifar_resnet_rejects_vgg_weights_and_missing_embedded_file(tmp_path, mo
     with pytest.raises(ManipBenchError, match="weights missing.*train_cifar --arch resnet"):
         models.load("cifar_resnet")
     assert isinstance(models.load(), CifarVGG)  # the default model is unaffected
+
+
+# --- the embedded CIFAR-10 VGG fine-tuned with a curvature penalty --------------------------
+
+#: clean accuracy of the shipped cifar_vgg_robust.pt on the 10,000 CIFAR-10 test images, as
+#: printed by train_cifar at the end of its training run (README, "The embedded model")
+CIFAR_VGG_ROBUST_ACCURACY = 0.8727
+
+
+def test_cifar_vgg_robust_is_a_small_folded_cifar_vgg():
+    assert models.CIFAR_VGG_ROBUST_WEIGHTS.is_file()
+    assert models.CIFAR_VGG_ROBUST_WEIGHTS.stat().st_size < 4 * 1024 * 1024
+    model = models.load("cifar_vgg_robust")
+    assert isinstance(model, CifarVGG) and not model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not torch.equal(model.features[0].weight, models.load("cifar_vgg").features[0].weight)
+    row = {row["name"]: row for row in models.describe()}["cifar_vgg_robust"]
+    assert row["source"] == "embedded (cifar_vgg_robust.pt, CIFAR-10)"
+    assert "--curvature-penalty" in models.EMBEDDED_MODELS["cifar_vgg_robust"].train_args
+
+
+@requires_shared_data("cifar10", "test")
+def test_cifar_vgg_robust_accuracy_on_the_cifar_test_set():
+    from manip_bench.models.train_cifar import accuracy, load_image_folder, predict
+
+    images, labels = load_image_folder(str(SHARED_DATA / "cifar10" / "test"), None, 0, 4)
+    assert len(labels) == 10000
+    acc = accuracy(predict(models.load("cifar_vgg_robust"), images), labels)
+    assert abs(acc - CIFAR_VGG_ROBUST_ACCURACY) <= 0.005, f"test accuracy {acc:.4f}"

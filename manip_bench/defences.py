@@ -1,0 +1,149 @@
+"""Defences as model transforms: the paper's beta-smoothing for every explanation method.
+
+``beta_smooth(model, beta)`` returns a private copy of ``model`` whose every ReLU --
+``nn.ReLU`` modules and ``F.relu``/``torch.relu``/``Tensor.relu`` calls in ``forward`` --
+computes Softplus(beta) (Dombrowski et al. 2019, Sec. 4: the explanation of the smoothed
+network is the defence). Anything that takes a model takes the smoothed one: attributors
+(gradients, LRP rules, PatternAttribution alike; the rules then run on the softplus
+network's activations), the attack (which attacks and judges that network as it is, with
+no surrogate), the bench and the robustness check::
+
+    from manip_bench import attributors, defences
+    smoothed = defences.beta_smooth(model, 2.0)
+    explain = attributors.create("zennit.epsilon", smoothed)
+
+A defence is also named by a short text, its ``spec`` (``"beta=2"``), which bench rows
+record (``"defence"``) and :func:`parse` reads back. LRP on a softplus network no longer
+conserves relevance (softplus(0) > 0); every attack result reports the
+``relevance_conservation`` it gets.
+"""
+import math
+
+from torch import nn
+
+from .attributors.activations import FunctionalActivations, SmoothReLU
+from .attributors.base import prepare_model
+from .errors import ManipBenchError
+
+#: attribute of a smoothed copy holding its beta (also marks the copy as smoothed)
+SMOOTHING_ATTRIBUTE = "manip_bench_smoothing"
+
+
+class BetaSmoothing:
+    """The beta-smoothing defence: ``BetaSmoothing(beta)(model)`` is the Softplus(beta) copy."""
+
+    kind = "beta"
+
+    def __init__(self, beta):
+        try:
+            beta = float(beta)
+        except (TypeError, ValueError):
+            raise ManipBenchError(f"beta must be a positive number, got {beta!r}") from None
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ManipBenchError(f"beta must be a positive number, got {beta!r}")
+        self.beta = beta
+
+    @property
+    def spec(self):
+        """Short text that names the defence in results (``parse(spec)`` gives it back)."""
+        return f"{self.kind}={self.beta:g}"
+
+    def label(self):
+        """Short label for tables (``β=2``)."""
+        return f"β={self.beta:g}"
+
+    def describe(self):
+        """What it is, for a sentence (``β-smoothed (β=2)``)."""
+        return f"β-smoothed ({self.label()})"
+
+    def __call__(self, model):
+        if smoothing_of(model) is not None:
+            raise ManipBenchError(f"the model is already beta-smoothed (beta="
+                                  f"{smoothing_of(model):g}); smooth the original model instead")
+        smoothed = prepare_model(model, swap_relu=True)
+        for module in smoothed.modules():
+            if isinstance(module, SmoothReLU):
+                module.smoothing = self.beta
+        has_modules = any(isinstance(m, SmoothReLU) for m in smoothed.modules())
+        # F.relu calls inside forward go through one more SmoothReLU, a submodule (so that
+        # copies of the smoothed model, such as an attributor's, carry their own)
+        smoothed.add_module(FUNCTIONAL_RELU, SmoothReLU(smoothing=self.beta))
+        smoothed.register_forward_pre_hook(_enter_functional)
+        smoothed.register_forward_hook(_ExitFunctional(has_modules, type(model).__name__),
+                                       always_call=True)
+        setattr(smoothed, SMOOTHING_ATTRIBUTE, self.beta)
+        return smoothed
+
+    def __eq__(self, other):
+        return isinstance(other, BetaSmoothing) and other.beta == self.beta
+
+    def __hash__(self):
+        return hash((self.kind, self.beta))
+
+    def __repr__(self):
+        return f"BetaSmoothing({self.beta:g})"
+
+
+#: name of the smoothed copy's submodule that functional ReLU calls go through
+FUNCTIONAL_RELU = "manip_bench_functional_relu"
+_MODES = "_manip_bench_modes"
+
+
+def _enter_functional(module, args):
+    """Forward pre-hook of a smoothed copy: route its F.relu calls through its SmoothReLU."""
+    mode = FunctionalActivations(getattr(module, FUNCTIONAL_RELU))
+    mode.__enter__()
+    module.__dict__.setdefault(_MODES, []).append(mode)
+
+
+class _ExitFunctional:
+    """Forward hook (always called): leave the mode; refuse a model with no ReLU at all."""
+
+    def __init__(self, has_modules, name):
+        self.has_modules, self.name = has_modules, name
+
+    def __call__(self, module, args, output):
+        mode = module.__dict__[_MODES].pop()
+        mode.__exit__(None, None, None)
+        if not self.has_modules and mode.calls == 0 and output is not None:
+            raise ManipBenchError(f"{self.name} has no ReLU (module or F.relu call) to smooth; "
+                                  "beta-smoothing needs ReLU activations")
+
+
+def beta_smooth(model, beta):
+    """The Softplus(``beta``) copy of ``model`` (the paper's defence); ``model`` is untouched."""
+    return BetaSmoothing(beta)(model)
+
+
+def smoothing_of(model):
+    """The beta of a model made by :func:`beta_smooth`, else None."""
+    return getattr(model, SMOOTHING_ATTRIBUTE, None)
+
+
+def parse(spec):
+    """The defence named by ``spec`` (``"beta=2"``; ``None``/``"none"``: no defence)."""
+    if spec is None or isinstance(spec, BetaSmoothing):
+        return spec
+    text = str(spec).strip()
+    if text.lower() in ("", "none"):
+        return None
+    kind, _, value = text.partition("=")
+    if kind.strip() != BetaSmoothing.kind or not value:
+        raise ManipBenchError(f"unknown defence {spec!r}; write beta=<positive number>, "
+                              "e.g. beta=2")
+    return BetaSmoothing(value)
+
+
+def apply(spec, model):
+    """``model`` under the defence ``spec`` (unchanged when it names none)."""
+    defence = parse(spec)
+    return model if defence is None else defence(model)
+
+
+def spec_of(defence):
+    """The text that names ``defence`` in results (None for no defence)."""
+    defence = parse(defence)
+    return None if defence is None else defence.spec
+
+
+__all__ = ["BetaSmoothing", "apply", "beta_smooth", "parse", "smoothing_of", "spec_of"]
