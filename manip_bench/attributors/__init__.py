@@ -82,6 +82,7 @@ def create(name, model, **opts):
 
 def describe():
     """One row per attributor: name, library, rule, needs softplus, attackable."""
+    plugins.load()
     return [
         {"name": n, "library": c.library, "rule": c.rule, "needs_softplus": c.needs_softplus,
          "attackable": c.attackable}
