@@ -45,11 +45,16 @@ def _run_parser(sub):
     p.add_argument("--beta", type=float,
                    help="defence: attack the explanation of the beta-smoothed model (every ReLU "
                         "computed as softplus(beta))")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
+    _where_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: a new folder under ./manip-out/)")
     p.set_defaults(func=cmd_run)
+
+
+def _where_arguments(p, devices="auto | cpu | cuda", threads="1 for small inputs"):
+    """``--device`` and ``--threads``, shared by every command that computes."""
+    p.add_argument("--device", default="auto", help=devices)
+    p.add_argument("--threads", type=int, help=f"CPU threads (default: {threads})")
 
 
 def _attack_arguments(p):
@@ -207,8 +212,7 @@ def _grid_arguments(p, attributors_default, what):
     p.add_argument("--n", type=int, default=20, help="number of pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=10, help="pairs attacked together")
     _attack_arguments(p)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
+    _where_arguments(p, devices="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0, help="pair sampling and noise seed")
     p.add_argument("--shard", help="i/N: run every N-th pair from i (default: torchrun's "
                                    "RANK/WORLD_SIZE); all shards need the same --out")
@@ -307,8 +311,7 @@ def _check_parser(sub):
                                             "(default: the self-tuning schedule)")
     p.add_argument("--beta", type=float,
                    help="also assess the explanation of the beta-smoothed model (softplus(beta))")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
+    _where_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image sampling and noise seed")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=cmd_check)
@@ -337,8 +340,7 @@ def _patterns_parser(sub):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--regime", choices=PATTERN_REGIMES, default="relu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    _where_arguments(p, threads="all cores")
     p.set_defaults(func=cmd_patterns)
 
 
@@ -369,8 +371,7 @@ def _geometry_parser(sub):
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--tol", type=float, default=CURVATURE_TOL,
                    help="Lanczos (ARPACK) relative tolerance")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for small inputs)")
+    _where_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="Lanczos start vector seed")
     p.add_argument("--out", help="output folder (default: a new folder under ./manip-out/)")
     p.set_defaults(func=cmd_geometry)

@@ -19,8 +19,6 @@ conserves relevance (softplus(0) > 0); every attack result reports the
 """
 import math
 
-from torch import nn
-
 from .attributors.activations import FunctionalActivations, SmoothReLU
 from .attributors.base import prepare_model
 from .errors import ManipBenchError
@@ -110,6 +108,20 @@ class _ExitFunctional:
                                   "beta-smoothing needs ReLU activations")
 
 
+def positive_numbers(values, what="betas", allow_empty=False):
+    """Positive finite floats from numbers or a comma-separated string (betas, noise levels)."""
+    if isinstance(values, str):
+        values = [value for value in values.split(",") if value.strip()]
+    try:
+        numbers = [float(value) for value in values]
+    except (TypeError, ValueError):
+        raise ManipBenchError(f"{what} must be numbers, e.g. 1,2,5; got {values!r}") from None
+    if (not numbers and not allow_empty) or \
+            any(not value > 0 or not math.isfinite(value) for value in numbers):
+        raise ManipBenchError(f"{what} must be positive finite numbers, got {values!r}")
+    return numbers
+
+
 def beta_smooth(model, beta):
     """The Softplus(``beta``) copy of ``model`` (the paper's defence); ``model`` is untouched."""
     return BetaSmoothing(beta)(model)
@@ -146,4 +158,5 @@ def spec_of(defence):
     return None if defence is None else defence.spec
 
 
-__all__ = ["BetaSmoothing", "apply", "beta_smooth", "parse", "smoothing_of", "spec_of"]
+__all__ = ["BetaSmoothing", "apply", "beta_smooth", "parse", "positive_numbers", "smoothing_of",
+           "spec_of"]

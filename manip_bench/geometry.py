@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
-from . import attributors
+from . import attributors, defences
 from .defaults import BETAS as DEFAULT_BETAS  # the curvature-vs-beta sweep's
 from .defaults import CURVATURE_TOL as DEFAULT_TOL  # ARPACK's relative tolerance
 from .errors import ManipBenchError
@@ -46,16 +46,8 @@ def parse_dtype(dtype):
 
 
 def parse_betas(betas):
-    """Betas as a list of positive floats, from numbers or a comma-separated string."""
-    if isinstance(betas, str):
-        betas = [value for value in betas.split(",") if value.strip()]
-    try:
-        values = [float(value) for value in betas]
-    except (TypeError, ValueError):
-        raise ManipBenchError(f"betas must be numbers, e.g. 1,2,5; got {betas!r}") from None
-    if not values or any(not value > 0 or not np.isfinite(value) for value in values):
-        raise ManipBenchError(f"betas must be positive finite numbers, got {betas!r}")
-    return values
+    """Betas as a non-empty list of positive finite floats, from numbers or "1,2,5"."""
+    return defences.positive_numbers(betas, "betas")
 
 
 def prepare(model, beta=None, dtype=None):

@@ -15,22 +15,10 @@ report can set the defences' cost beside their effect.
 """
 from ..defaults import BETAS as DEFAULT_BETAS  # the sweep's β (ReLU is added as β → ∞)
 from ..defaults import SMOOTHGRAD_STDEVS as DEFAULT_STDEVS
-from ..errors import ManipBenchError
+from ..defences import positive_numbers
 from .grid import BUNDLED, GridMethod, build_grid, resolve_attributors
 SMOOTHGRAD = "captum.smoothgrad"
 SMOOTHGRAD_SAMPLES = 10
-
-
-def _numbers(values, what):
-    if isinstance(values, str):
-        values = [v for v in values.split(",") if v.strip()]
-    try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ManipBenchError(f"{what} must be numbers, e.g. 1,2,5; got {values!r}") from None
-    if any(not v > 0 for v in numbers):
-        raise ManipBenchError(f"{what} must be positive, got {numbers}")
-    return numbers
 
 
 def sweep_methods(attributors=("captum.saliency",), betas=DEFAULT_BETAS, stdevs=DEFAULT_STDEVS,
@@ -42,9 +30,11 @@ def sweep_methods(attributors=("captum.saliency",), betas=DEFAULT_BETAS, stdevs=
     for name in names:
         if relu:
             methods.append(GridMethod(name))
-        methods += [GridMethod(name, f"beta={beta:g}") for beta in _numbers(betas, "betas")]
+        methods += [GridMethod(name, f"beta={beta:g}")
+                    for beta in positive_numbers(betas, "betas", allow_empty=True)]
     methods += [GridMethod(SMOOTHGRAD, None, {"samples": int(samples), "stdev": stdev})
-                for stdev in _numbers(stdevs, "SmoothGrad σ values")]
+                for stdev in positive_numbers(stdevs, "SmoothGrad σ values",
+                                             allow_empty=True)]
     return methods
 
 
