@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import __version__
 from .defaults import (BETAS, BUNDLED, CHECK_ITERATIONS, CURVATURE_TOL, DEFAULT_BUDGET,
-                       DEFAULT_MODEL, DEFAULT_PRESET, PATTERN_REGIMES, SMOOTHGRAD_STDEVS)
+                       DEFAULT_MODEL, DEFAULT_PRESET, DEFENCE_BETAS, FINETUNED_MODEL,
+                       PATTERN_REGIMES, SMOOTHGRAD_STDEVS)
 from .errors import ManipBenchError
 
 
@@ -258,6 +259,35 @@ def cmd_smooth(args):
     _run_grid(grid, args)
 
 
+def _defend_parser(sub):
+    p = sub.add_parser("defend", help="the defence table: every method without defence, "
+                                      "beta-smoothed, fine-tuned, and matched SmoothGrad; "
+                                      "robustness beside accuracy and faithfulness")
+    _grid_arguments(p, "all", "methods to defend")
+    p.add_argument("--betas", default=",".join(f"{b:g}" for b in DEFENCE_BETAS),
+                   help="beta-smoothing betas, comma-separated; SmoothGrad runs at the sigma "
+                        "matched to each (log(2) sqrt(2 pi) / beta)")
+    p.add_argument("--finetuned", default=FINETUNED_MODEL,
+                   help="zoo model fine-tuned against manipulation, same architecture as "
+                        "--models ('' for none)")
+    p.add_argument("--samples", type=int, default=10, help="SmoothGrad samples (default 10)")
+    p.add_argument("--accuracy-data", help="labelled ImageFolder tree for clean accuracy "
+                                           "(default: --pairs when it is one)")
+    p.set_defaults(func=cmd_defend)
+
+
+def cmd_defend(args):
+    from . import bench, data
+    pairs = data.pairs_source(args.pairs, args.data_root)
+    grid = bench.make_defence_grid(args.attributors, args.betas, args.finetuned, args.models,
+                                   pairs, args.n, args.seed, args.preset, samples=args.samples,
+                                   **_attack_overrides(args))
+    for label, reason in grid.skipped.items():
+        _console().print(f"left out: {label} ({reason})", highlight=False)
+    args.accuracy_data = args.accuracy_data or pairs
+    _run_grid(grid, args)
+
+
 def _run_grid(grid, args):
     from . import bench
     console = _console()
@@ -276,7 +306,7 @@ def _run_grid(grid, args):
                                     f"{out} to resume")
         raise
     if shard is None:
-        bench.report(out, console=console)
+        bench.report(out, console=console, accuracy_data=getattr(args, "accuracy_data", None))
     else:
         console.print(f"shard {shard[0]}/{shard[1]} done; when every shard is done: "
                       f"manip-bench report {out}", highlight=False)
@@ -286,12 +316,15 @@ def _report_parser(sub):
     p = sub.add_parser("report", help="summary table, summary.csv and figures of a results folder")
     p.add_argument("folder", help="a folder written by `manip-bench bench` or `smooth`")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="tables and CSV only")
+    p.add_argument("--accuracy-data", help="a `defend` folder: labelled ImageFolder tree for "
+                                           "clean accuracy (default: the one used before)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args):
     from . import bench
-    bench.report(args.folder, console=_console(), figures=args.figures)
+    bench.report(args.folder, console=_console(), figures=args.figures,
+                 accuracy_data=args.accuracy_data)
 
 
 def _check_parser(sub):
@@ -441,7 +474,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_run_parser, _list_parser, _bench_parser, _report_parser, _smooth_parser,
-                _check_parser, _patterns_parser, _geometry_parser):
+                _defend_parser, _check_parser, _patterns_parser, _geometry_parser):
         add(sub)
     return parser
 

@@ -20,6 +20,9 @@ CHECK_ITERATIONS = 200
 #: softplus betas of the default sweeps, log-spaced (``manip-bench smooth`` and ``geometry``;
 #: ReLU, beta -> inf, is added where a sweep compares with it)
 BETAS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+#: the β of the defence table (``manip-bench defend``), and its fine-tuned zoo model
+DEFENCE_BETAS = (3.0, 10.0)
+FINETUNED_MODEL = "cifar_vgg_robust"
 #: SmoothGrad noise levels, as a fraction of the input range ([0, 1] images: range 1)
 SMOOTHGRAD_STDEVS = (0.005, 0.01, 0.02, 0.05)
 #: ARPACK's relative tolerance on the Ritz values (:mod:`manip_bench.geometry`)

@@ -12,6 +12,9 @@ no surrogate), the bench and the robustness check::
     smoothed = defences.beta_smooth(model, 2.0)
     explain = attributors.create("zennit.epsilon", smoothed)
 
+The training-time defence, :class:`FineTuned` (``"finetuned=cifar_vgg_robust"``), swaps the
+model for weights fine-tuned against manipulation (a zoo model of the same architecture).
+
 A defence is also named by a short text, its ``spec`` (``"beta=2"``), which bench rows
 record (``"defence"``) and :func:`parse` reads back. LRP on a softplus network no longer
 conserves relevance (softplus(0) > 0); every attack result reports the
@@ -72,6 +75,11 @@ class BetaSmoothing:
         setattr(smoothed, SMOOTHING_ATTRIBUTE, self.beta)
         return smoothed
 
+    def classifier(self, model):
+        """The network that classifies under this defence: the user's own (only the
+        explanation is computed on the smoothed copy)."""
+        return model
+
     def __eq__(self, other):
         return isinstance(other, BetaSmoothing) and other.beta == self.beta
 
@@ -81,6 +89,64 @@ class BetaSmoothing:
     def __repr__(self):
         return f"BetaSmoothing({self.beta:g})"
 
+
+class FineTuned:
+    """The training-time defence: the zoo model ``name`` (fine-tuned with a curvature
+    penalty, e.g. ``cifar_vgg_robust``) replaces the given model, on the same device.
+
+    Both explanation and classification come from the fine-tuned network. The given model
+    must have the same architecture (class and parameter shapes); it is not changed.
+    """
+
+    kind = "finetuned"
+
+    def __init__(self, name):
+        from . import models
+        name = str(name).strip()
+        if name not in models.available():
+            raise ManipBenchError(f"finetuned={name}: no such zoo model; available: "
+                                  f"{', '.join(models.available())}")
+        self.name = name
+
+    @property
+    def spec(self):
+        return f"{self.kind}={self.name}"
+
+    def label(self):
+        return f"fine-tuned ({self.name})"
+
+    def describe(self):
+        return f"replaced by the fine-tuned {self.name}"
+
+    def __call__(self, model):
+        from . import models
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else "cpu"
+        tuned = models.load(self.name, device=device)
+        given = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if type(tuned) is not type(model) or \
+                given != {k: tuple(v.shape) for k, v in tuned.state_dict().items()}:
+            raise ManipBenchError(f"finetuned={self.name} is a {type(tuned).__name__} of another "
+                                  f"shape than the given {type(model).__name__}; fine-tuned "
+                                  "weights replace a model of the same architecture")
+        return tuned
+
+    def classifier(self, model):
+        """The fine-tuned network classifies too."""
+        return self(model)
+
+    def __eq__(self, other):
+        return isinstance(other, FineTuned) and other.name == self.name
+
+    def __hash__(self):
+        return hash((self.kind, self.name))
+
+    def __repr__(self):
+        return f"FineTuned({self.name!r})"
+
+
+#: the defences by the kind their spec starts with
+KINDS = {BetaSmoothing.kind: BetaSmoothing, FineTuned.kind: FineTuned}
 
 #: name of the smoothed copy's submodule that functional ReLU calls go through
 FUNCTIONAL_RELU = "manip_bench_functional_relu"
@@ -133,17 +199,19 @@ def smoothing_of(model):
 
 
 def parse(spec):
-    """The defence named by ``spec`` (``"beta=2"``; ``None``/``"none"``: no defence)."""
-    if spec is None or isinstance(spec, BetaSmoothing):
+    """The defence named by ``spec`` (``"beta=2"``, ``"finetuned=cifar_vgg_robust"``;
+    ``None``/``"none"``: no defence)."""
+    if spec is None or isinstance(spec, tuple(KINDS.values())):
         return spec
     text = str(spec).strip()
     if text.lower() in ("", "none"):
         return None
     kind, _, value = text.partition("=")
-    if kind.strip() != BetaSmoothing.kind or not value:
-        raise ManipBenchError(f"unknown defence {spec!r}; write beta=<positive number>, "
-                              "e.g. beta=2")
-    return BetaSmoothing(value)
+    if kind.strip() not in KINDS or not value.strip():
+        raise ManipBenchError(f"unknown defence {spec!r}; write beta=<positive number> "
+                              "(e.g. beta=2) or finetuned=<zoo model> (e.g. "
+                              "finetuned=cifar_vgg_robust)")
+    return KINDS[kind.strip()](value)
 
 
 def apply(spec, model):
@@ -158,5 +226,5 @@ def spec_of(defence):
     return None if defence is None else defence.spec
 
 
-__all__ = ["BetaSmoothing", "apply", "beta_smooth", "parse", "positive_numbers", "smoothing_of",
+__all__ = ["BetaSmoothing", "FineTuned", "KINDS", "apply", "beta_smooth", "parse", "positive_numbers", "smoothing_of",
            "spec_of"]

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_net
 from manip_bench import ManipBenchError, attributors, defences, models
 
-ATTACKABLE = [n for n in attributors.GROUPS["all"] if not n.startswith("pattern.")]
+ATTACKABLE = list(attributors.GROUPS["all"])  # PatternAttribution included
 
 
 def explain(name, model, x, target):
@@ -40,3 +40,23 @@ def test_specs_round_trip_and_bad_values_are_refused():
             defences.parse(bad)
     with pytest.raises(ManipBenchError, match="already beta-smoothed"):
         defences.beta_smooth(defences.beta_smooth(tiny_net(), 2), 3)
+
+
+def test_fine_tuned_defence_swaps_in_the_zoo_weights_and_leaves_the_model_alone():
+    model = models.load("cifar_vgg")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    defence = defences.parse("finetuned=cifar_vgg_robust")
+    assert defence == defences.FineTuned("cifar_vgg_robust") and defence.spec == \
+        "finetuned=cifar_vgg_robust" and defences.spec_of(defence) == defence.spec
+    tuned = defences.apply(defence, model)
+    robust = models.load("cifar_vgg_robust")
+    assert all(torch.equal(v, robust.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert defence.classifier(model) is not model  # the fine-tuned network also classifies
+    assert defences.BetaSmoothing(2).classifier(model) is model  # only the map is smoothed
+    with pytest.raises(ManipBenchError, match="no such zoo model"):
+        defences.parse("finetuned=nope")
+    with pytest.raises(ManipBenchError, match="same architecture"):
+        defences.apply("finetuned=cifar_vgg_robust", tiny_net())
+    with pytest.raises(ManipBenchError, match="finetuned=<zoo model>"):
+        defences.parse("trained=cifar_vgg_robust")

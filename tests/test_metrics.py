@@ -1,9 +1,12 @@
 """Metrics on hand-made inputs with known values."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
+from conftest import SHARED_DATA, requires_shared_data
 from manip_bench import heatmaps, metrics
 
 
@@ -91,3 +94,47 @@ def test_prepare_target_resizes_and_normalises():
     target = heatmaps.prepare_target(torch.rand(8, 8), batch=2, size=(4, 4))
     assert target.shape == (2, 4, 4)
     assert torch.allclose(target.sum((1, 2)), torch.ones(2))
+
+
+class _LinearOnPixels(torch.nn.Module):
+    """Two classes; logit 1 is a weighted sum of pixels, logit 0 is 0."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+
+    def forward(self, x):
+        score = (x.sum(1) * self.weights).flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def test_deletion_curve_removes_the_top_pixels_first_and_matches_a_hand_computation():
+    weights = torch.tensor([[4.0, 3.0], [2.0, 1.0]])
+    model = _LinearOnPixels(weights)
+    x = torch.ones(1, 3, 2, 2) / 3  # every pixel's channels sum to 1: logit = sum of weights left
+    target = torch.tensor([1])
+    curve = metrics.deletion_curve(model, x, weights[None], target, steps=4)
+    logits = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.0])  # removing 4, then 3, 2, 1
+    assert torch.allclose(curve[0], torch.sigmoid(logits), atol=1e-6)
+    reverse = metrics.deletion_curve(model, x, -weights[None], target, steps=4)
+    assert torch.allclose(reverse[0], torch.sigmoid(torch.tensor([10.0, 9.0, 7.0, 4.0, 0.0])))
+    expected = np.trapezoid(torch.sigmoid(logits).double().numpy(), dx=0.25)
+    score = metrics.deletion_score(model, x, weights[None], target, steps=4)
+    assert score == pytest.approx([expected])
+    assert score[0] < metrics.deletion_score(model, x, -weights[None], target, steps=4)[0]
+
+
+@requires_shared_data("cifar10", "test")
+def test_deletion_gap_ranks_a_true_map_above_a_random_one_on_a_trained_model():
+    from manip_bench import attributors, data, models
+    from manip_bench.bench import sample_pairs
+    model = models.load("cifar_vgg")
+    pairs = sample_pairs(SHARED_DATA / "cifar10" / "test", 20, seed=0)
+    x = data.load_batch([original for original, _ in pairs], 32)
+    target = model(x).argmax(1)
+    _, relevance = attributors.create("zennit.epsilon_plus_flat", model)(x, target)
+    heatmap = heatmaps.heatmap(relevance.detach())
+    random = torch.rand(heatmap.shape, generator=torch.Generator().manual_seed(0))
+    true_gap = metrics.deletion_gap(model, x, heatmap, target)
+    random_gap = metrics.deletion_gap(model, x, random, target)
+    assert np.median(true_gap) > 0.03 and abs(np.median(random_gap)) < 0.02, (true_gap, random_gap)

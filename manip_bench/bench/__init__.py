@@ -20,13 +20,15 @@ Running the same grid into the same folder again resumes; a different grid is re
 from .grid import (BUNDLED, Grid, GridMethod, RunSummary, build_grid, default_out_dir,
                    load_examples, make_grid, parse_budgets, parse_model, parse_shard, resolve_attributors,
                    run_grid, sample_pairs, shard_from_env, shard_pairs, stored_config)
+from .defend import defence_methods, make_defence_grid, matched_stdev
 from .report import report, summarize
 from .results import (ResultsWriter, read_results, read_rows, results_files, results_name,
                       row_key)
 from .smooth import DEFAULT_BETAS, DEFAULT_STDEVS, make_sweep, sweep_methods
 
 __all__ = ["BUNDLED", "DEFAULT_BETAS", "DEFAULT_STDEVS", "Grid", "GridMethod", "ResultsWriter",
-           "RunSummary", "build_grid", "default_out_dir", "load_examples", "make_grid",
+           "RunSummary", "build_grid", "default_out_dir", "defence_methods", "load_examples",
+           "make_defence_grid", "make_grid", "matched_stdev",
            "make_sweep", "parse_budgets", "parse_model", "parse_shard", "read_results",
            "read_rows", "report", "resolve_attributors", "results_files", "results_name",
            "row_key", "run_grid", "sample_pairs", "shard_from_env", "shard_pairs",

@@ -103,14 +103,18 @@ class Grid:
     overrides: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     kind: str = "bench"
+    #: cells left out because they cannot run, ``{label: reason}`` (the defence table's)
+    skipped: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self):
         """Plain JSON form (lists, not tuples), as stored in ``config.json``."""
-        return json.loads(json.dumps({
-            "kind": self.kind, "methods": [m.to_json() for m in self.methods],
-            "models": list(self.models), "pair_source": str(self.pair_source),
-            "pairs": [list(pair) for pair in self.pairs], "preset": self.preset,
-            "overrides": self.overrides, "seed": self.seed}))
+        grid = {"kind": self.kind, "methods": [m.to_json() for m in self.methods],
+                "models": list(self.models), "pair_source": str(self.pair_source),
+                "pairs": [list(pair) for pair in self.pairs], "preset": self.preset,
+                "overrides": self.overrides, "seed": self.seed}
+        if self.skipped:
+            grid["skipped"] = dict(self.skipped)
+        return json.loads(json.dumps(grid))
 
     @property
     def size(self):

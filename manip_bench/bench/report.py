@@ -331,6 +331,30 @@ def curve_figure(series, path):
 # ---- the β sweep (paper Fig. 4) -------------------------------------------------------------
 
 
+def _kind(out):
+    try:
+        return json.loads((Path(out) / CONFIG_NAME).read_text()).get("kind")
+    except (OSError, ValueError):
+        return None
+
+
+def _defence_report(out, summary, files, console, figures, accuracy_data):
+    """The defence table of a ``manip-bench defend`` folder (see :mod:`.defence_table`)."""
+    from . import defence_table
+    from .costs import costs
+    cost = costs(out, accuracy_data)
+    entries = defence_table.defence_entries(summary, cost)
+    files.append(write_csv(entries, out / "defence.csv"))
+    skipped = json.loads((out / CONFIG_NAME).read_text())["grid"].get("skipped")
+    (out / "defence.md").write_text(defence_table.markdown(entries, cost, skipped))
+    files.append(out / "defence.md")
+    if figures:
+        files.append(defence_table.figure(entries, out / "defence.png"))
+    if console is not None:
+        _print(console, defence_table.rich_table(entries))
+    return entries
+
+
 def is_sweep(out, rows):
     """A folder written by ``manip-bench smooth`` (or any rows with a defence)."""
     config = Path(out) / CONFIG_NAME
@@ -438,11 +462,13 @@ def _print(console, table):
         console.width = width
 
 
-def report(out, console=None, figures=True):
+def report(out, console=None, figures=True, accuracy_data=None):
     """Summarise folder ``out``: print tables, write ``summary.csv`` and the figures.
 
     Returns ``{"summary": [...], "files": [paths]}``; a β sweep also writes
-    ``smooth.csv`` and ``smooth.png`` and returns ``"sweep"``.
+    ``smooth.csv`` and ``smooth.png`` and returns ``"sweep"``; a defence grid writes
+    ``defence.csv``, ``defence.md`` and ``defence.png`` (costs measured on images of
+    ``accuracy_data``, a labelled folder, see :mod:`.costs`) and returns ``"defence"``.
     """
     out = Path(out)
     if not out.is_dir():
@@ -469,6 +495,8 @@ def report(out, console=None, figures=True):
             _print(console, curve_table(series))
         result["curves"] = {f"{model} | {method}": manipulability_score(points)
                             for (model, method), points in series.items()}
+    if _kind(out) == "defend":
+        result["defence"] = _defence_report(out, summary, files, console, figures, accuracy_data)
     if is_sweep(out, rows):
         entries = sweep_summary(summary)
         files.append(write_csv(entries, out / "smooth.csv"))

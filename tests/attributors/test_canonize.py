@@ -115,7 +115,7 @@ def test_lrp_on_residual_networks_equals_hand_canonized_zennit(name, resnet, x):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     explain = attributors.create(name, model)
     output, relevance = explain(x, TARGET)
-    assert relative_error(relevance.detach(), reference_map(name, kind, model, x)) <= 1e-4
+    assert relative_error(relevance.detach(), reference_map(name, kind, model, x)) <= 1e-5
     assert explain.canonical.additions == (8 if kind == "torchvision_resnet18" else 3)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
