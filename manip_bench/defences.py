@@ -22,12 +22,11 @@ conserves relevance (softplus(0) > 0); every attack result reports the
 """
 import math
 
-from .attributors.activations import FunctionalActivations, SmoothReLU
+from .attributors.activations import (FUNCTIONAL_RELU, SMOOTHING_ATTRIBUTE,
+                                     FunctionalActivations, SmoothReLU, functional_relu_of)
 from .attributors.base import prepare_model
 from .errors import ManipBenchError
 
-#: attribute of a smoothed copy holding its beta (also marks the copy as smoothed)
-SMOOTHING_ATTRIBUTE = "manip_bench_smoothing"
 
 
 class BetaSmoothing:
@@ -66,9 +65,10 @@ class BetaSmoothing:
             if isinstance(module, SmoothReLU):
                 module.smoothing = self.beta
         has_modules = any(isinstance(m, SmoothReLU) for m in smoothed.modules())
-        # F.relu calls inside forward go through one more SmoothReLU, a submodule (so that
-        # copies of the smoothed model, such as an attributor's, carry their own)
-        smoothed.add_module(FUNCTIONAL_RELU, SmoothReLU(smoothing=self.beta))
+        # F.relu calls inside forward go through one more SmoothReLU, a plain attribute:
+        # copies of the smoothed model (an attributor's) carry their own, and it is not a
+        # submodule, which nn.Sequential (or a forward looping over children) would run
+        smoothed.__dict__[FUNCTIONAL_RELU] = SmoothReLU(smoothing=self.beta)
         smoothed.register_forward_pre_hook(_enter_functional)
         smoothed.register_forward_hook(_ExitFunctional(has_modules, type(model).__name__),
                                        always_call=True)
@@ -148,14 +148,12 @@ class FineTuned:
 #: the defences by the kind their spec starts with
 KINDS = {BetaSmoothing.kind: BetaSmoothing, FineTuned.kind: FineTuned}
 
-#: name of the smoothed copy's submodule that functional ReLU calls go through
-FUNCTIONAL_RELU = "manip_bench_functional_relu"
 _MODES = "_manip_bench_modes"
 
 
 def _enter_functional(module, args):
     """Forward pre-hook of a smoothed copy: route its F.relu calls through its SmoothReLU."""
-    mode = FunctionalActivations(getattr(module, FUNCTIONAL_RELU))
+    mode = FunctionalActivations(functional_relu_of(module))
     mode.__enter__()
     module.__dict__.setdefault(_MODES, []).append(mode)
 

@@ -60,3 +60,20 @@ def test_fine_tuned_defence_swaps_in_the_zoo_weights_and_leaves_the_model_alone(
         defences.apply("finetuned=cifar_vgg_robust", tiny_net())
     with pytest.raises(ManipBenchError, match="finetuned=<zoo model>"):
         defences.parse("trained=cifar_vgg_robust")
+
+
+def test_a_sequential_model_gets_no_extra_layer_and_large_beta_recovers_it():
+    """The smoothed copy's F.relu router must not be a child: nn.Sequential would run it
+    on the logits (formerly softplus(logits): a dead class got a zero map)."""
+    net = tiny_net()
+    smoothed = defences.beta_smooth(net, 1e4)
+    assert len(list(smoothed.children())) == len(list(net.children()))
+    x = torch.rand(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(smoothed(x), net(x), atol=1e-3)
+        assert (net(x) < 0).any()  # negative logits, which a softplus on top would lift
+    target = torch.tensor([0, 1, 2, 0])
+    for name in ("captum.saliency", "zennit.epsilon", "captum.guided_backprop"):
+        relu = explain(name, net, x, target)
+        large = explain(name, smoothed, x, target)
+        assert ((large - relu).flatten(1).norm(dim=1) <= 1e-3 * relu.flatten(1).norm(dim=1)).all()

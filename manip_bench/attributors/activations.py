@@ -50,6 +50,18 @@ class _RuleBackward(torch.autograd.Function):
 _MODULE_CALLS = [0]
 
 
+#: attribute of a beta-smoothed copy (:mod:`manip_bench.defences`) holding its beta
+SMOOTHING_ATTRIBUTE = "manip_bench_smoothing"
+#: plain attribute (not a registered submodule: an ``nn.Sequential`` would run it as one
+#: more layer) of a beta-smoothed copy: the SmoothReLU its functional ReLU calls go through
+FUNCTIONAL_RELU = "manip_bench_functional_relu"
+
+
+def functional_relu_of(model):
+    """The SmoothReLU that a beta-smoothed model's ``F.relu`` calls go through, else None."""
+    return model.__dict__.get(FUNCTIONAL_RELU)
+
+
 class SmoothReLU(nn.ReLU):
     """A ReLU that becomes Softplus(beta) when ``beta`` is set (cheap to change per step).
 

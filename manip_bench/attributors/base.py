@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ManipBenchError
-from .activations import SmoothReLU, install_functional_activations, rule_active  # noqa: F401
+from .activations import (SmoothReLU, functional_relu_of,  # noqa: F401
+                          install_functional_activations, rule_active)
 
 
 def conv2d_input_gradient(module, grad, weight, input_shape, padding=None):
@@ -161,6 +162,9 @@ class Attributor:
     def __init__(self, model):
         self.model = prepare_model(model, self.swap_relu)
         self.activations = smooth_activations(self.model)
+        hidden = functional_relu_of(self.model)  # a beta-smoothed model's F.relu calls
+        if hidden is not None:
+            self.activations.append(hidden)
         self._relu_modules = bool(self.activations)
         #: the model computes softplus already (a beta-smoothed model, see
         #: :mod:`manip_bench.defences`): its map is differentiable as it is
