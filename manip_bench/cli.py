@@ -241,7 +241,7 @@ def cmd_bench(args):
 def _smooth_parser(sub):
     p = sub.add_parser("smooth", help="the beta-smoothing defence: attack beta-smoothed "
                                       "explanations over beta, with SmoothGrad for comparison")
-    _grid_arguments(p, "captum.saliency", "gradient-type methods to smooth (LRP is not smoothed)")
+    _grid_arguments(p, "captum.saliency", "methods to smooth (any attackable one)")
     p.add_argument("--betas", default=",".join(f"{b:g}" for b in BETAS),
                    help="softplus betas, comma-separated (ReLU, beta -> inf, is always added)")
     p.add_argument("--stdevs", default=",".join(f"{s:g}" for s in SMOOTHGRAD_STDEVS),

@@ -15,6 +15,7 @@ labelled image folder (``root/<class>/*``, CIFAR-10 class names). Everything is 
 ``costs.json`` beside the results, recomputed when the grid or the data differ.
 """
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from .. import data, defences, heatmaps, metrics, models
 from ..attributors import create
+from ..progress import reporter
 from ..runtime import private_random_state
 from .grid import CONFIG_NAME, method_of, parse_model
 
@@ -45,11 +47,12 @@ def _heatmap(name, model, options, x, target, seed):
 def _accuracy(model, images, labels, batch_size=500):
     """Accuracy on uint8 ``images`` (N, 3, H, W) with class indices ``labels``."""
     from ..models.train_cifar import to_float
+    device = next(model.parameters()).device
     correct = 0
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
-            batch = to_float(images[start:start + batch_size])
-            correct += (model(batch).argmax(1) == labels[start:start + batch_size]).sum().item()
+            batch = to_float(images[start:start + batch_size]).to(device)
+            correct += (model(batch).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
     return correct / len(labels)
 
 
@@ -59,8 +62,9 @@ def _labelled(folder):
         {p.name for p in folder.iterdir() if p.is_dir()} >= {"airplane", "truck"}
 
 
-def compute_costs(out, accuracy_data=None, device="cpu", steps=16):
-    """The costs of every method of the defence grid in ``out`` (see the module text)."""
+def compute_costs(out, accuracy_data=None, device="cpu", steps=16, progress=None):
+    """The costs of every method of the defence grid in ``out`` (see the module text);
+    ``progress`` as in :func:`manip_bench.progress.reporter`."""
     config = json.loads((Path(out) / CONFIG_NAME).read_text())["grid"]
     name, weights = parse_model(config["models"][0])
     net = models.load(name, weights, device)
@@ -69,22 +73,12 @@ def compute_costs(out, accuracy_data=None, device="cpu", steps=16):
     with torch.no_grad():
         target = net(x).argmax(1)
     undefended, entries = {}, []
-    for raw in config["methods"]:
-        method = method_of(raw)
-        defence = defences.parse(method.defence)
-        heatmap = _heatmap(method.attributor, defences.apply(defence, net), method.options, x,
-                           target, config["seed"])
-        reference = (SMOOTHGRAD_REFERENCE, {}) if method.attributor == SMOOTHGRAD \
-            else (method.attributor, method.options)
-        key = json.dumps(reference, sort_keys=True)
-        if key not in undefended:
-            undefended[key] = _heatmap(reference[0], net, reference[1], x, target,
-                                       config["seed"])
-        classifier = net if defence is None else defence.classifier(net)
-        similarity = metrics.map_similarity(heatmap, undefended[key])["pcc"]
-        gap = metrics.deletion_gap(classifier, x, heatmap, target, steps)
-        entries.append({**method.to_json(), "label": method.label(), "n": len(originals),
-                        "similarity": _median(similarity), "deletion_gap": _median(gap)})
+    with reporter(progress, "clean maps: similarity and deletion", len(config["methods"]),
+                  gap=math.nan) as advance:
+        for raw in config["methods"]:
+            entries.append(_method_costs(method_of(raw), net, x, target, undefended,
+                                         config["seed"], steps))
+            advance(gap=entries[-1]["deletion_gap"])
     random_gap = metrics.deletion_gap(net, x, torch.rand(x.shape[0], *x.shape[2:],
                                       generator=torch.Generator().manual_seed(0)).to(device),
                                       target, steps)
@@ -100,7 +94,24 @@ def compute_costs(out, accuracy_data=None, device="cpu", steps=16):
             "accuracy": accuracy}
 
 
-def costs(out, accuracy_data=None, device="cpu"):
+def _method_costs(method, net, x, target, undefended, seed, steps):
+    """Similarity to the undefended map and deletion gap of one method's clean maps."""
+    defence = defences.parse(method.defence)
+    heatmap = _heatmap(method.attributor, defences.apply(defence, net), method.options, x,
+                       target, seed)
+    reference = (SMOOTHGRAD_REFERENCE, {}) if method.attributor == SMOOTHGRAD \
+        else (method.attributor, method.options)
+    key = json.dumps(reference, sort_keys=True)
+    if key not in undefended:
+        undefended[key] = _heatmap(reference[0], net, reference[1], x, target, seed)
+    classifier = net if defence is None else defence.classifier(net)
+    similarity = metrics.map_similarity(heatmap, undefended[key])["pcc"]
+    gap = metrics.deletion_gap(classifier, x, heatmap, target, steps)
+    return {**method.to_json(), "label": method.label(), "n": len(x),
+            "similarity": _median(similarity), "deletion_gap": _median(gap)}
+
+
+def costs(out, accuracy_data=None, device="cpu", progress=None):
     """``costs.json`` of ``out``, computed now if absent or made for another grid or data."""
     path = Path(out) / COSTS_NAME
     config = json.loads((Path(out) / CONFIG_NAME).read_text())["grid"]
@@ -109,7 +120,7 @@ def costs(out, accuracy_data=None, device="cpu"):
         same_data = accuracy_data is None or stored.get("accuracy_data") == str(accuracy_data)
         if stored.get("grid") == config and same_data:
             return stored
-    result = compute_costs(out, accuracy_data, device)
+    result = compute_costs(out, accuracy_data, device, progress=progress)
     staging = path.with_suffix(".tmp")
     staging.write_text(json.dumps(result, indent=1))
     staging.replace(path)
