@@ -22,7 +22,7 @@ SMOOTHGRAD_ROW = "SmoothGrad (matched σ)"
 def column_of(method):
     """The defence column of a grid method: ``none``, ``β=3``, ``fine-tuned``; SmoothGrad
     sits in the column of the β its σ is matched to."""
-    if method.attributor == SMOOTHGRAD:
+    if _matched(method):
         return defences.BetaSmoothing(round(matched_beta(method.options["stdev"]), 3)).label()
     defence = defences.parse(method.defence)
     return NONE if defence is None else defence.label()
@@ -30,7 +30,13 @@ def column_of(method):
 
 def row_of(method):
     """The table row: the attributor, or ``SmoothGrad (matched σ)``."""
-    return SMOOTHGRAD_ROW if method.attributor == SMOOTHGRAD else method.attributor
+    return SMOOTHGRAD_ROW if _matched(method) else method.attributor
+
+
+def _matched(method):
+    """SmoothGrad at a σ given by the defence grid (the plain ``captum.smoothgrad`` method,
+    at its default σ, is a row of its own)."""
+    return method.attributor == SMOOTHGRAD and "stdev" in method.options
 
 
 def defence_entries(summary, costs):
