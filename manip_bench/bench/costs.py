@@ -26,9 +26,9 @@ from ..attributors import create
 from ..progress import reporter
 from ..runtime import private_random_state
 from .grid import CONFIG_NAME, method_of, parse_model
+from .smooth import SMOOTHGRAD
 
 COSTS_NAME = "costs.json"
-SMOOTHGRAD = "captum.smoothgrad"
 #: the undefended counterpart of SmoothGrad (Theorem 2 of the paper relates the two)
 SMOOTHGRAD_REFERENCE = "captum.saliency"
 

@@ -3,17 +3,18 @@
 One entry per method and defence: robustness (the median target PCC the attack reached,
 lower is better; the fraction of images whose class was kept) beside the costs of
 :mod:`.costs` (similarity of the clean map to the undefended one, deletion gap, accuracy
-of the explained network). Written as ``defence.csv``, ``defence.md`` (a pivot of the
-target PCC plus the full table) and ``defence.png`` (robustness against faithfulness).
+of the explained network). Written as ``defence.csv`` (every column), ``defence.md``
+(pivots of target PCC, similarity and deletion gap, and accuracy) and ``defence.png``
+(robustness against faithfulness).
 """
 import json
 import math
 from pathlib import Path
 
 from .. import defences
-from .costs import SMOOTHGRAD
 from .defend import matched_beta
 from .grid import method_of
+from .smooth import SMOOTHGRAD
 
 NONE = "none"
 SMOOTHGRAD_ROW = "SmoothGrad (matched σ)"
@@ -78,7 +79,8 @@ def _pivot(entries, key):
 
 
 def markdown(entries, costs, skipped=None):
-    """``defence.md``: pivots (target PCC, similarity, deletion gap), accuracy, full table."""
+    """``defence.md``: pivots (target PCC, similarity, deletion gap), the accuracy of each
+    defence's explained network, and the cells left out with their reasons."""
     accuracy = {e["defence"]: e["accuracy"] for e in entries if e["method"] != SMOOTHGRAD_ROW}
     n = max((e["n"] for e in entries), default=0)
     lines = [f"Median target PCC the attack reached ({n} pairs; lower is more robust):", ""]

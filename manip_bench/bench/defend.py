@@ -22,9 +22,7 @@ from ..defaults import DEFENCE_BETAS as DEFAULT_BETAS
 from ..defaults import FINETUNED_MODEL as DEFAULT_FINETUNED
 from ..errors import ManipBenchError
 from .grid import BUNDLED, GridMethod, build_grid, parse_model, resolve_attributors
-
-SMOOTHGRAD = "captum.smoothgrad"
-SMOOTHGRAD_SAMPLES = 10
+from .smooth import SMOOTHGRAD, SMOOTHGRAD_SAMPLES
 
 
 def matched_stdev(beta):
@@ -33,8 +31,8 @@ def matched_stdev(beta):
 
 
 def matched_beta(stdev):
-    """The β whose matched SmoothGrad σ is ``stdev`` (inverse of :func:`matched_stdev`)."""
-    return math.log(2.0) * math.sqrt(2.0 * math.pi) / stdev
+    """The β whose matched SmoothGrad σ is ``stdev`` (the relation is its own inverse)."""
+    return matched_stdev(stdev)
 
 
 def defence_methods(attributors=("all",), betas=DEFAULT_BETAS, finetuned=DEFAULT_FINETUNED,
@@ -61,8 +59,7 @@ def runnable(methods, model_spec):
     kept, skipped = [], {}
     for method in methods:
         try:
-            create(method.attributor, defences.apply(method.defence, model),
-                               **method.options)
+            create(method.attributor, defences.apply(method.defence, model), **method.options)
         except ManipBenchError as error:
             skipped[method.label()] = str(error)
         else:

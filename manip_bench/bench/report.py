@@ -19,6 +19,7 @@ from ..errors import ManipBenchError
 from ..threat import Budget, format_value
 from .grid import CONFIG_NAME, file_slug, load_examples, method_of
 from .results import cell_key, read_results
+from .smooth import SMOOTHGRAD
 
 #: metrics in the printed table, with their headers (summary.csv holds every metric)
 TABLE_METRICS = {"expl_target_pcc": "target\nPCC", "expl_target_ssim": "target\nSSIM",
@@ -29,7 +30,6 @@ BOX_METRICS = (("expl_target_mse", "expl_target_ssim", "expl_target_pcc"),
                ("input_mse", "input_ssim", "input_pcc"))
 #: the β sweep's panels (rows); each panel shows vs-target and vs-original
 SWEEP_METRICS = ("pcc", "ssim", "mse")
-SMOOTHGRAD = "captum.smoothgrad"
 
 
 def _figure(**options):
@@ -332,8 +332,9 @@ def curve_figure(series, path):
 
 
 def _kind(out):
+    """The ``kind`` in ``config.json`` (``""`` if it has none; None without a readable one)."""
     try:
-        return json.loads((Path(out) / CONFIG_NAME).read_text()).get("kind")
+        return json.loads((Path(out) / CONFIG_NAME).read_text()).get("kind", "")
     except (OSError, ValueError):
         return None
 
@@ -357,12 +358,9 @@ def _defence_report(out, summary, files, console, figures, accuracy_data):
 
 def is_sweep(out, rows):
     """A folder written by ``manip-bench smooth`` (or any rows with a defence)."""
-    config = Path(out) / CONFIG_NAME
-    if config.exists():
-        try:
-            return json.loads(config.read_text()).get("kind") == "smooth"
-        except ValueError:
-            pass
+    kind = _kind(out)
+    if kind is not None:
+        return kind == "smooth"
     return any(row.get("defence") is not None for row in rows)
 
 
