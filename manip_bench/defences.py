@@ -29,7 +29,40 @@ from .errors import ManipBenchError
 
 
 
-class BetaSmoothing:
+class Defence:
+    """A defence: ``defence(model)`` is the network the explanation is computed on.
+
+    Subclasses set ``kind`` and ``value`` (the text after ``kind=`` in the spec) and keep
+    their parameters as attributes; defences of one class with equal attributes are equal.
+    """
+
+    kind = ""
+
+    @property
+    def spec(self):
+        """Short text that names the defence in results (``parse(spec)`` gives it back)."""
+        return f"{self.kind}={self.value}"
+
+    def classifier(self, model, defended):
+        """The network that classifies under this defence, given the user's ``model`` and
+        ``defended`` = ``self(model)``: by default the user's own (only the explanation
+        comes from the defended network)."""
+        return model
+
+    def _identity(self):
+        return type(self), tuple(sorted(vars(self).items()))
+
+    def __eq__(self, other):
+        return isinstance(other, Defence) and other._identity() == self._identity()
+
+    def __hash__(self):
+        return hash(self._identity())
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(repr(v) for v in vars(self).values())})"
+
+
+class BetaSmoothing(Defence):
     """The beta-smoothing defence: ``BetaSmoothing(beta)(model)`` is the Softplus(beta) copy."""
 
     kind = "beta"
@@ -44,9 +77,8 @@ class BetaSmoothing:
         self.beta = beta
 
     @property
-    def spec(self):
-        """Short text that names the defence in results (``parse(spec)`` gives it back)."""
-        return f"{self.kind}={self.beta:g}"
+    def value(self):
+        return f"{self.beta:g}"
 
     def label(self):
         """Short label for tables (``β=2``)."""
@@ -75,22 +107,8 @@ class BetaSmoothing:
         setattr(smoothed, SMOOTHING_ATTRIBUTE, self.beta)
         return smoothed
 
-    def classifier(self, model):
-        """The network that classifies under this defence: the user's own (only the
-        explanation is computed on the smoothed copy)."""
-        return model
 
-    def __eq__(self, other):
-        return isinstance(other, BetaSmoothing) and other.beta == self.beta
-
-    def __hash__(self):
-        return hash((self.kind, self.beta))
-
-    def __repr__(self):
-        return f"BetaSmoothing({self.beta:g})"
-
-
-class FineTuned:
+class FineTuned(Defence):
     """The training-time defence: the zoo model ``name`` (fine-tuned with a curvature
     penalty, e.g. ``cifar_vgg_robust``) replaces the given model, on the same device.
 
@@ -109,8 +127,8 @@ class FineTuned:
         self.name = name
 
     @property
-    def spec(self):
-        return f"{self.kind}={self.name}"
+    def value(self):
+        return self.name
 
     def label(self):
         return f"fine-tuned ({self.name})"
@@ -131,18 +149,9 @@ class FineTuned:
                                   "weights replace a model of the same architecture")
         return tuned
 
-    def classifier(self, model):
+    def classifier(self, model, defended):
         """The fine-tuned network classifies too."""
-        return self(model)
-
-    def __eq__(self, other):
-        return isinstance(other, FineTuned) and other.name == self.name
-
-    def __hash__(self):
-        return hash((self.kind, self.name))
-
-    def __repr__(self):
-        return f"FineTuned({self.name!r})"
+        return defended
 
 
 #: the defences by the kind their spec starts with
@@ -199,7 +208,7 @@ def smoothing_of(model):
 def parse(spec):
     """The defence named by ``spec`` (``"beta=2"``, ``"finetuned=cifar_vgg_robust"``;
     ``None``/``"none"``: no defence)."""
-    if spec is None or isinstance(spec, tuple(KINDS.values())):
+    if spec is None or isinstance(spec, Defence):
         return spec
     text = str(spec).strip()
     if text.lower() in ("", "none"):
@@ -224,5 +233,5 @@ def spec_of(defence):
     return None if defence is None else defence.spec
 
 
-__all__ = ["BetaSmoothing", "FineTuned", "KINDS", "apply", "beta_smooth", "parse", "positive_numbers", "smoothing_of",
+__all__ = ["BetaSmoothing", "Defence", "FineTuned", "KINDS", "apply", "beta_smooth", "parse", "positive_numbers", "smoothing_of",
            "spec_of"]

@@ -52,8 +52,10 @@ def test_fine_tuned_defence_swaps_in_the_zoo_weights_and_leaves_the_model_alone(
     robust = models.load("cifar_vgg_robust")
     assert all(torch.equal(v, robust.state_dict()[k]) for k, v in tuned.state_dict().items())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert defence.classifier(model) is not model  # the fine-tuned network also classifies
-    assert defences.BetaSmoothing(2).classifier(model) is model  # only the map is smoothed
+    assert defence.classifier(model, tuned) is tuned  # the fine-tuned network also classifies
+    smoothed = defences.beta_smooth(model, 2)
+    assert defences.BetaSmoothing(2).classifier(model, smoothed) is model  # only the map
+    assert repr(defence) == "FineTuned('cifar_vgg_robust')" and defence != defences.BetaSmoothing(2)
     with pytest.raises(ManipBenchError, match="no such zoo model"):
         defences.parse("finetuned=nope")
     with pytest.raises(ManipBenchError, match="same architecture"):

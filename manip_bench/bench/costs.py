@@ -97,14 +97,14 @@ def compute_costs(out, accuracy_data=None, device="cpu", steps=16, progress=None
 def _method_costs(method, net, x, target, undefended, seed, steps):
     """Similarity to the undefended map and deletion gap of one method's clean maps."""
     defence = defences.parse(method.defence)
-    heatmap = _heatmap(method.attributor, defences.apply(defence, net), method.options, x,
-                       target, seed)
+    defended = defences.apply(defence, net)
+    heatmap = _heatmap(method.attributor, defended, method.options, x, target, seed)
     reference = (SMOOTHGRAD_REFERENCE, {}) if method.attributor == SMOOTHGRAD \
         else (method.attributor, method.options)
     key = json.dumps(reference, sort_keys=True)
     if key not in undefended:
         undefended[key] = _heatmap(reference[0], net, reference[1], x, target, seed)
-    classifier = net if defence is None else defence.classifier(net)
+    classifier = net if defence is None else defence.classifier(net, defended)
     similarity = metrics.map_similarity(heatmap, undefended[key])["pcc"]
     gap = metrics.deletion_gap(classifier, x, heatmap, target, steps)
     return {**method.to_json(), "label": method.label(), "n": len(x),
