@@ -19,3 +19,13 @@ def image_folder(tmp_path_factory):
 def tiny_grid(image_folder):
     """2 attributors x cifar_vgg x 3 pairs, 3 iterations."""
     return bench.make_grid(pairs=image_folder, **TINY)
+
+
+def interrupt_after(count, seen):
+    """An ``on_rows`` callback that keeps the rows in ``seen`` and raises KeyboardInterrupt
+    once ``count`` rows are on disk (an interrupted run, to be resumed)."""
+    def on_rows(rows):
+        seen.extend(rows)
+        if len(seen) >= count:
+            raise KeyboardInterrupt
+    return on_rows

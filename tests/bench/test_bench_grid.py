@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, requires_shared_data
-from bench_fixtures import TINY, image_folder, tiny_grid  # noqa: F401 - fixtures
+from bench_fixtures import TINY, image_folder, interrupt_after, tiny_grid  # noqa: F401
 from manip_bench import ManipBenchError, attributors, bench, data
 from manip_bench.bench.results import ROW_FIELDS, read_rows, row_key
 from manip_bench.experiment import CONTRACT_METRICS
@@ -71,14 +71,8 @@ def test_the_callers_random_streams_are_left_alone(tiny_grid, tmp_path):
 def test_exception_after_k_rows_loses_nothing_on_resume(tiny_grid, tmp_path):
     out = tmp_path / "run"
     seen = []
-
-    def crash_after_two_batches(rows):
-        seen.extend(rows)
-        if len(seen) >= 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        bench.run_grid(tiny_grid, out, batch_size=1, device="cpu", on_rows=crash_after_two_batches)
+        bench.run_grid(tiny_grid, out, batch_size=1, device="cpu", on_rows=interrupt_after(2, seen))
     assert keys(bench.read_results(out)) == keys(seen)
     summary = bench.run_grid(tiny_grid, out, batch_size=1, device="cpu")
     assert (summary.written, summary.skipped) == (4, 2)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bench_fixtures import image_folder  # noqa: F401 - fixture
+from bench_fixtures import image_folder, interrupt_after  # noqa: F401 - fixture
 from manip_bench import ManipBenchError, bench, cli, data, metrics
 from manip_bench.bench import costs as costs_module
 from manip_bench.bench.defence_table import column_of
@@ -51,14 +51,8 @@ def _labelled_folder(root):
 def test_defend_runs_resumes_and_reports_robustness_beside_cost(image_folder, tmp_path):  # noqa
     grid = bench.make_defence_grid(pairs=image_folder, **SMALL)
     out, seen = tmp_path / "defend", []
-
-    def interrupt(rows):
-        seen.extend(rows)
-        if len(seen) >= 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        bench.run_grid(grid, out, batch_size=1, device="cpu", on_rows=interrupt)
+        bench.run_grid(grid, out, batch_size=1, device="cpu", on_rows=interrupt_after(3, seen))
     kept = bench.read_results(out)
     assert [row_key(r) for r in kept] == [row_key(r) for r in seen]
     summary = bench.run_grid(bench.make_defence_grid(pairs=image_folder, **SMALL), out,
