@@ -114,6 +114,11 @@ class _RawExplain:
         self.alphas = [float(a) for a in 0.5 * (alphas + 1)]
         self.weights = [float(w) for w in 0.5 * weights]
 
+    @property
+    def swaps_activations(self):
+        """Whether the beta changes the copy (its ReLU modules), as attributors report it."""
+        return bool(self.activations)
+
     def set_beta(self, beta):
         for activation in self.activations:
             activation.beta = beta

@@ -568,3 +568,19 @@ def _autograd_node_names():
                if not y.grad_fn.name().startswith(TRANSPARENT_NODES)}
     _expect(not unknown, f"have new names: {unknown}")
     return RELU_NODE, TRANSPARENT_NODES
+
+
+def _uncompiled(model):
+    """The eager module behind a ``torch.compile``d one (the model itself otherwise)."""
+    import torch
+    compiled = getattr(torch._dynamo.eval_frame, "OptimizedModule", ())
+    return model._orig_mod if isinstance(model, compiled) else model
+
+
+@_internal("uncompiled", "torch", "torch.compile's OptimizedModule._orig_mod")
+def _uncompiled_checked():
+    import torch
+    from torch import nn
+    layer = nn.Linear(2, 2)
+    _expect(_uncompiled(torch.compile(layer)) is layer, "no longer keeps the original module")
+    return _uncompiled

@@ -251,7 +251,8 @@ class ManipulationAttack:
         self.losses = list(losses) if losses is not None else self.config.build_losses()
         self._check_losses()
         #: attack through the softplus surrogate with a growing beta (a ReLU network's
-        #: gradient-type map has no derivative to follow; a smoothed model needs none)
+        #: gradient-type map has no derivative to follow; a smoothed model needs none, and
+        #: a network found smooth at the first step -- GELU, SiLU -- neither)
         self.grows_beta = self.explain.needs_softplus and not self.explain.smoothed
         self.progress = progress
 
@@ -375,6 +376,9 @@ class ManipulationAttack:
         loss = sum(terms.values())
         if state.step == 0:
             self._check_derivative(terms, x_adv)
+            if self.grows_beta and not self.explain.swaps_activations:
+                self.grows_beta = False  # smooth already (GELU, SiLU): attack it as it is
+                beta = None
         (gradient,) = torch.autograd.grad(loss.sum(), x_adv)
         x_before = x_adv.detach().clone()
         if not self.grows_beta:  # the attacked network is the judged one
@@ -435,13 +439,15 @@ class ManipulationAttack:
 
     def _check_derivative(self, terms, x_adv):
         moving = sum(value for loss, value in zip(self.losses, terms.values()) if loss.explanation)
-        (gradient,) = torch.autograd.grad(moving.sum(), x_adv, retain_graph=True,
-                                          allow_unused=True)
+        gradient = None
+        if moving.requires_grad:  # a linear model's map is constant: no graph at all
+            (gradient,) = torch.autograd.grad(moving.sum(), x_adv, retain_graph=True,
+                                              allow_unused=True)
         if gradient is None or not gradient.abs().sum() > 0:
             raise ManipBenchError(
                 f"{self.name}: the explanation has zero derivative in the input on this model, so "
-                "it cannot be attacked (is the model piecewise linear without any ReLU to swap "
-                "for softplus?)")
+                "it cannot be attacked (the network has no activation with curvature: neither a "
+                "smooth one such as GELU nor a piecewise-linear one to swap, e.g. a linear model)")
 
 
 def _conservation(name, output, relevance, target):

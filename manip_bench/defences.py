@@ -3,7 +3,12 @@
 ``beta_smooth(model, beta)`` returns a private copy of ``model`` whose every ReLU --
 ``nn.ReLU`` modules and ``F.relu``/``torch.relu``/``Tensor.relu`` calls in ``forward`` --
 computes Softplus(beta) (Dombrowski et al. 2019, Sec. 4: the explanation of the smoothed
-network is the defence). Anything that takes a model takes the smoothed one: attributors
+network is the defence). The other activation families get their beta version of equal
+peak curvature beta / 4 (:mod:`manip_bench.attributors.activations`): leaky ReLU, ReLU6,
+hardswish and the rest of the piecewise-linear ones are built from softplus, SiLU and GELU
+get a temperature (``x sigmoid(beta x / 2)``, ``x Phi(0.313 beta x)``; the original
+network is beta = 2 for SiLU, 3.19 for GELU). ELU, Mish, tanh and other smooth activations
+are left as they are. Anything that takes a model takes the smoothed one: attributors
 (gradients, LRP rules, PatternAttribution alike; the rules then run on the softplus
 network's activations), the attack (which attacks and judges that network as it is, with
 no surrogate), the bench and the robustness check::
@@ -168,7 +173,7 @@ def _enter_functional(module, args):
 
 
 class _ExitFunctional:
-    """Forward hook (always called): leave the mode; refuse a model with no ReLU at all."""
+    """Forward hook (always called): leave the mode; refuse a model it does not change."""
 
     def __init__(self, has_modules, name):
         self.has_modules, self.name = has_modules, name
@@ -176,9 +181,9 @@ class _ExitFunctional:
     def __call__(self, module, args, output):
         mode = module.__dict__[_MODES].pop()
         mode.__exit__(None, None, None)
-        if not self.has_modules and mode.calls == 0 and output is not None:
-            raise ManipBenchError(f"{self.name} has no ReLU (module or F.relu call) to smooth; "
-                                  "beta-smoothing needs ReLU activations")
+        if not self.has_modules and mode.smoothed == 0 and output is not None:
+            raise ManipBenchError(f"{self.name} has no activation that beta-smoothing changes "
+                                  "(ReLU and the other piecewise-linear ones, SiLU, GELU)")
 
 
 def positive_numbers(values, what="betas", allow_empty=False):

@@ -342,6 +342,9 @@ def principal_curvatures(model, x, target=None, k=5, beta=None, dtype=None, seed
         raise ManipBenchError("the explained output has zero curvature here: the network is "
                               "piecewise linear (ReLU), so its level sets are flat almost "
                               "everywhere; pass beta to measure its Softplus(beta) copy")
+    if not np.any(result.values):
+        raise ManipBenchError("the explained output has zero curvature even at Softplus(beta): "
+                              "the network has no activation to smooth (a linear model?)")
     result.target, result.beta = target.tolist(), beta
     return result
 

@@ -10,7 +10,9 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import _compat
 from ..errors import ManipBenchError
 from .activations import (SmoothReLU, functional_relu_of,  # noqa: F401
                           install_functional_activations, rule_active)
@@ -73,6 +75,19 @@ def _freezable_conv(module):
             and not isinstance(module.padding, str))
 
 
+def unwrap(model):
+    """The module that computes: ``nn.DataParallel``/``DistributedDataParallel`` wrappers and
+    ``torch.compile`` are looked through (explanations need the eager module: compiled
+    graphs and scattered replicas cannot be differentiated twice)."""
+    while True:
+        inner = _compat.uncompiled(model)
+        if isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
+
+
 def prepare_model(model, swap_relu=True):
     """Return a private copy of ``model``: eval mode, frozen, ReLUs swapped for ``SmoothReLU``.
 
@@ -82,13 +97,15 @@ def prepare_model(model, swap_relu=True):
     changes in place (an optimiser step) are therefore seen by the copy; replacing them
     (``.to()``, ``load_state_dict`` with ``assign=True``) is not.
     In-place activations become out-of-place (double backprop needs the inputs).
-    Functional ``F.relu`` calls inside ``forward`` cannot be swapped; attributors that
-    need the swap report a model without ``nn.ReLU`` modules as an error. Plain
-    ``nn.Conv2d`` layers become :class:`FrozenConv2d` (same output and input gradient,
-    faster double backpropagation).
+    Other activations (functional ReLU calls, leaky ReLU, GELU, ...) are reached while
+    the copy runs (:mod:`.activations`). Plain ``nn.Conv2d`` layers become
+    :class:`FrozenConv2d` (same output and input gradient, faster double
+    backpropagation). A ``DataParallel`` or ``torch.compile`` wrapper is looked through
+    (:func:`unwrap`).
     """
     if not isinstance(model, nn.Module):
         raise ManipBenchError(f"expected a torch.nn.Module as the model, got {type(model).__name__}")
+    model = unwrap(model)
     try:
         prepared = copy.deepcopy(model, memo=_read_only_aliases(model))
     except Exception as error:  # noqa: BLE001 - any deepcopy failure means the same to the user
@@ -141,9 +158,11 @@ class Attributor:
     ``library``, ``rule``
         where the method comes from and what it computes (for tables).
     ``needs_softplus``
-        the map of a ReLU network has zero derivative in ``x``; the attack swaps
-        ReLU for Softplus(beta) (not on a model that is smooth already, such as the
-        beta-smoothing defence's, :mod:`manip_bench.defences`).
+        a gradient-type map: on a piecewise-linear network (ReLU) it has zero
+        derivative in ``x``, so the attack swaps those activations for their smooth
+        surrogates (:mod:`.activations`); smooth activations (GELU, SiLU) and attention
+        are kept, and a beta-smoothed model (:mod:`manip_bench.defences`) is attacked as
+        it is.
     ``attackable``
         False when the map is locally constant in ``x`` (no attack can move it).
     ``preset``
@@ -172,37 +191,33 @@ class Attributor:
             a.smoothing is not None for a in self.activations)
         self.functional = None
         if self.needs_softplus and self.swap_relu and not self.smoothed:
-            shared = SmoothReLU()  # F.relu calls follow the swap too
+            shared = SmoothReLU()  # functional activations follow the swap too
             self.functional = install_functional_activations(self.model, shared)
             self.activations.append(shared)
         self.set_beta(None)
         self._num_classes = {}
 
-    def _check_beta(self, beta):
-        if not self.needs_softplus:
-            raise ManipBenchError(
-                f"{self.name}: the softplus surrogate applies to gradient-type methods only; "
-                "smooth the model instead (manip_bench.defences.beta_smooth)")
-        if not self.activations:
-            raise ManipBenchError(f"{self.name}: the model has no ReLU to swap for softplus")
-        if not beta > 0:
-            raise ManipBenchError(f"beta must be positive, got {beta}")
-
     def set_beta(self, beta):
-        """Use Softplus(beta) instead of ReLU from now on (``None``: back to ReLU)."""
+        """Compute piecewise-linear activations through their smooth surrogates at ``beta``
+        from now on (``None``: as they are). Smooth activations are never changed."""
         if beta is not None:
-            self._check_beta(beta)
+            if not self.needs_softplus:
+                raise ManipBenchError(
+                    f"{self.name}: the softplus surrogate applies to gradient-type methods "
+                    "only; smooth the model instead (manip_bench.defences.beta_smooth)")
+            if not beta > 0:
+                raise ManipBenchError(f"beta must be positive, got {beta}")
         for activation in self.activations:
             activation.beta = beta
 
-    def _check_smoothed(self, functional_calls):
-        """After an explanation with a beta set: refuse if no ReLU at all was smoothed."""
-        if self.activations and self.activations[0].beta is not None and \
-                not self._relu_modules and self.functional is not None and \
-                self.functional.calls == functional_calls:
-            raise ManipBenchError(f"{self.name}: the model has no ReLU (module or F.relu call) "
-                                  f"to swap for softplus, so its map cannot be smoothed or "
-                                  f"attacked this way")
+    @property
+    def swaps_activations(self):
+        """Whether a beta changes this network: it has ReLU modules, or an explanation with
+        a beta set met piecewise-linear activation calls. False for a network that is
+        smooth already (GELU, SiLU, attention): the attack follows its own derivative."""
+        swapped_modules = any(a.smoothing is None for a in self.activations
+                              if a is not getattr(self.functional, "relu", None))
+        return swapped_modules or (self.functional is not None and self.functional.smoothed > 0)
 
     @property
     def device(self):
@@ -211,15 +226,14 @@ class Attributor:
 
     def __call__(self, x, target):
         x, target = self._check_input(x, target)
-        calls = self.functional.calls if self.functional is not None else 0
         try:
-            result = self.attribute(x, target)
+            # attention through the math kernel: fused kernels have no double backward
+            with sdpa_kernel(SDPBackend.MATH):
+                return self.attribute(x, target)
         except RuntimeError as error:
             raise ManipBenchError(
                 f"{self.name}: explaining input of shape {tuple(x.shape)} failed ({error}); "
                 f"check that the images have the channels and size the model expects") from error
-        self._check_smoothed(calls)
-        return result
 
     def attribute(self, x, target):
         """Return ``(output, relevance)`` for validated ``x`` (N, C, H, W) and ``target`` (N,)."""

@@ -22,8 +22,16 @@ input normalisation
     images (the zB / box rules need them), and the relevance reaching the first layer's
     input is handed to the image unchanged, as Zennit's ``Pass`` rule would.
 
+Operations Zennit has no rule for (LayerNorm, GELU/SiLU and other smooth activations,
+attention, gates that multiply two input-dependent tensors) are found in the same pass,
+and :func:`canonize` refuses the model naming the module that ran them: plain gradient
+flow through them would give a map that is neither LRP nor conserving.
+
 The canonized copy must compute the original logits on the probe images, or
-:func:`canonize` refuses with a message.
+:func:`canonize` refuses with a message. It is returned wrapped in a
+:class:`CanonicalModel` that holds the ``Sum`` modules: nothing is added to the model's
+own module tree, where a ``forward`` that runs its children (``nn.Sequential``) would
+run them.
 """
 import dataclasses
 
@@ -32,12 +40,32 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from zennit.canonizers import MergeBatchNorm
 from zennit.layer import Sum
-from zennit.types import BatchNorm, Linear
+from zennit.types import Activation, BatchNorm, Linear
 
 from ..errors import ManipBenchError
 
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
         torch.Tensor.__iadd__, torch.Tensor.add_}
+_MULTIPLY = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+             torch.Tensor.__imul__, torch.Tensor.mul_, torch.matmul, torch.Tensor.matmul,
+             torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.einsum}
+F = torch.nn.functional
+#: operations that no LRP rule of Zennit's composites covers, by what they compute
+_NO_RULE = {
+    F.layer_norm: "layer normalisation", F.group_norm: "group normalisation",
+    F.instance_norm: "instance normalisation", F.local_response_norm: "local response norm",
+    F.softmax: "softmax (attention)", torch.softmax: "softmax (attention)",
+    torch.Tensor.softmax: "softmax (attention)",
+    F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention",
+}
+#: element-wise non-linearities: covered (Zennit's Pass rule, the identity rule) when an
+#: activation module computes them, plain gradient flow when a forward calls them itself
+_ELEMENTWISE = {
+    F.gelu: "GELU", F.silu: "SiLU", F.mish: "Mish", F.elu: "ELU", F.selu: "SELU",
+    F.celu: "CELU", F.hardswish: "hardswish", F.hardsigmoid: "hard sigmoid",
+    torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
+}
 
 
 def _branch(value):
@@ -72,6 +100,55 @@ class ResidualSums(TorchFunctionMode):
                 f"depends on the input cannot be explained with LRP here")
         total = self.sums[index](torch.stack(torch.broadcast_tensors(*args), dim=-1))
         return args[0].copy_(total) if func is torch.Tensor.add_ else total
+
+
+class Unsupported(TorchFunctionMode):
+    """Record the operations no Zennit rule covers, with the module whose forward ran them.
+
+    ``modules`` is a stack of the module calls in progress (kept by forward hooks); a
+    product of two input-dependent tensors (a gate, attention's bilinear products) counts
+    too. ``found`` lists ``(module name, what)`` in forward order.
+    """
+
+    def __init__(self, names):
+        super().__init__()
+        self.names, self.modules, self.found = names, [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        module = self.modules[-1] if self.modules else None
+        what = _NO_RULE.get(func)
+        if func in _ELEMENTWISE and not isinstance(module, Activation):
+            what = f"{_ELEMENTWISE[func]} outside an activation module"
+        if what is None and func in _MULTIPLY:
+            tensors = [a for a in (*args, *kwargs.values()) if _branch(a)]
+            if func is torch.einsum:
+                tensors = [a for a in args[1:] if _branch(a)]
+            what = "a product of two input-dependent tensors (a gate or attention)" \
+                if len(tensors) > 1 else None
+        if what is not None:
+            name = self.names.get(module, "")
+            self.found.append((f"module '{name}'" if name else "the model's own forward", what))
+        return func(*args, **kwargs)
+
+
+class CanonicalModel(nn.Module):
+    """A canonized copy: ``net`` runs with its residual additions routed through ``sums``."""
+
+    def __init__(self, net, sums):
+        super().__init__()
+        self.net, self.sums = net, sums
+
+    def forward(self, *args, **kwargs):
+        mode = ResidualSums(self.sums)
+        with mode:
+            output = self.net(*args, **kwargs)
+        if mode.count not in (0, len(self.sums)):
+            raise ManipBenchError(
+                f"the model ran {mode.count} residual additions, {len(self.sums)} when it was "
+                "canonized for LRP; a forward pass whose structure depends on the input "
+                "cannot be explained with LRP here")
+        return output
 
 
 @dataclasses.dataclass
@@ -160,9 +237,17 @@ def input_affine_map(model, layer, x, seed=0):
 
 
 def _watch(model, x):
-    """One forward pass: batch norms fed by a linear layer, additions, linear resolutions."""
+    """One forward pass: batch norms fed by a linear layer, additions, linear resolutions,
+    operations without an LRP rule."""
     produced, pairs, resolutions, handles = {}, [], {}, []
     names = {module: name for name, module in model.named_modules()}
+    unsupported = Unsupported(names)
+
+    def enter(module, inputs):
+        unsupported.modules.append(module)
+
+    def leave(module, inputs, output):
+        unsupported.modules.pop()
 
     def after(module, inputs, output):
         if isinstance(output, torch.Tensor):
@@ -177,25 +262,41 @@ def _watch(model, x):
             pairs.append((source[0], module))
 
     for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
         if not list(module.children()):
             handles.append(module.register_forward_hook(after))
             if isinstance(module, BatchNorm):
                 handles.append(module.register_forward_pre_hook(before_norm))
     counter = ResidualSums()
     try:
-        with torch.enable_grad(), counter:
+        with torch.enable_grad(), counter, unsupported:
             model(x.detach().requires_grad_())
     finally:
         for handle in handles:
             handle.remove()
-    return pairs, counter.count, resolutions
+    return pairs, counter.count, resolutions, unsupported.found
+
+
+def _refuse_unsupported(found):
+    name, what = found[0]
+    others = len({n for n, _ in found}) - 1
+    more = f" (and {others} other module(s))" if others > 0 else ""
+    raise ManipBenchError(
+        f"LRP cannot explain this model: {name} computes {what}{more}, which Zennit's "
+        "composites have no rule for, so its map would be neither LRP nor conserving. For "
+        "transformers use the AttnLRP attributors (lrp.attnlrp), for other networks a "
+        "gradient method (captum.saliency, captum.input_x_gradient, ...)")
 
 
 def canonize(model, x, merge_and_sum=True):
-    """Canonize the private copy ``model`` in place for LRP, probing with images ``x``.
+    """Canonize the private copy ``model`` for LRP, probing with images ``x``.
 
-    With ``merge_and_sum`` batch norms are merged and residual additions routed through
-    ``Sum`` modules; the input map is always recognised. Returns a :class:`Canonical`.
+    With ``merge_and_sum`` batch norms are merged (in place) and residual additions routed
+    through ``Sum`` modules; the input map is always recognised, and operations without an
+    LRP rule are refused. Returns ``(canonized, found)``: the model to explain (a
+    :class:`CanonicalModel` around ``model`` when it has additions, else ``model``) and a
+    :class:`Canonical`.
     """
     x = x[:2].detach()
     name, layer = first_linear(model)
@@ -206,44 +307,26 @@ def canonize(model, x, merge_and_sum=True):
             found.slope, found.offset = affine
     with torch.no_grad():
         reference = model(x)
-    pairs, additions, found.resolutions = _watch(model, x)
+    pairs, additions, found.resolutions, unsupported = _watch(model, x)
+    if unsupported:
+        _refuse_unsupported(unsupported)
     if not merge_and_sum:
-        return found
+        return model, found
     for linear, norm in pairs:
         MergeBatchNorm.merge_batch_norm([linear], norm)
-    found.merged_batch_norms = len(pairs)
+    found.merged_batch_norms, found.additions = len(pairs), additions
+    canonized = model
     if additions:
-        sums = nn.ModuleList(Sum() for _ in range(additions))
-        model.add_module("canonical_sums", sums)
-        _route_additions(model, sums)
-    found.additions = additions
+        canonized = CanonicalModel(model, nn.ModuleList(Sum() for _ in range(additions)))
     with torch.enable_grad():
-        canonized = model(x.requires_grad_())
-    if not torch.allclose(canonized, reference, rtol=1e-3,
+        output = canonized(x.requires_grad_())
+    if not torch.allclose(output, reference, rtol=1e-3,
                           atol=1e-4 * max(reference.abs().max().item(), 1.0)):
         raise ManipBenchError(
             "canonizing the model for LRP changed its output (merged batch norms: "
             f"{len(pairs)}, residual additions: {additions}); pass canonizers=None to use "
             "the model as it is, or your own Zennit canonizers")
-    return found
-
-
-def _route_additions(model, sums):
-    """Make the copy's ``forward`` run under :class:`ResidualSums` (wrapped on the instance)."""
-    forward = model.forward
-
-    def forward_with_sums(*args, **kwargs):
-        mode = ResidualSums(sums)
-        with mode:
-            output = forward(*args, **kwargs)
-        if mode.count not in (0, len(sums)):
-            raise ManipBenchError(
-                f"the model ran {mode.count} residual additions, {len(sums)} when it was "
-                "canonized for LRP; a forward pass whose structure depends on the input "
-                "cannot be explained with LRP here")
-        return output
-
-    model.forward = forward_with_sums
+    return canonized, found
 
 
 def resolution_blocks(resolutions):

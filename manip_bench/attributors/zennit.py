@@ -71,7 +71,7 @@ class ZennitAttributor(Attributor):
             auto = self.canonizers == "auto"
             for canonizer in [] if auto else self.canonizers or []:
                 canonizer.apply(self.model)  # on the private copy, kept for its lifetime
-            canonical = canonize(self.model, x, merge_and_sum=auto)
+            self.model, canonical = canonize(self.model, x, merge_and_sum=auto)
             if canonical.slope is not None and not bool((canonical.slope == 1).all()):
                 self._input_scale = canonical.slope
             self.canonical = canonical
@@ -236,9 +236,12 @@ class GammaPerBlockLRP(ZennitAttributor):
             raise ManipBenchError(f"{self.name} needs a model with convolutions (its blocks)")
         self.gammas, self.head_gamma, self.epsilon = tuple(gammas), head_gamma, epsilon
         self.blocks, self._block_of = None, {}
+        #: the model's layers by the names users know (before canonization wraps it)
+        self._named_modules = dict(self.model.named_modules())
 
     def canonized(self, canonical):
-        convs = {name for name, m in self.model.named_modules() if isinstance(m, Convolution)}
+        convs = {name: m for name, m in self._named_modules.items()
+                 if isinstance(m, Convolution)}
         blocks = resolution_blocks({name: shape for name, shape in canonical.resolutions.items()
                                     if name in convs})
         if len(blocks) < 2:
@@ -248,7 +251,7 @@ class GammaPerBlockLRP(ZennitAttributor):
         self.blocks = [{"resolution": list(shape), "layers": names,
                         "gamma": self.gammas[min(i, len(self.gammas) - 1)]}
                        for i, (shape, names) in enumerate(blocks)]
-        self._block_of = {name: block["gamma"] for block in self.blocks
+        self._block_of = {convs[name]: block["gamma"] for block in self.blocks
                           for name in block["layers"]}
 
     def _rule(self, gamma):
@@ -260,7 +263,7 @@ class GammaPerBlockLRP(ZennitAttributor):
         if isinstance(module, (AvgPool, Sum)):
             return Norm()
         if isinstance(module, Convolution):
-            return self._rule(self._block_of.get(name, self.gammas[-1]))
+            return self._rule(self._block_of.get(module, self.gammas[-1]))
         if isinstance(module, Linear):
             return self._rule(self.head_gamma)
         return None
