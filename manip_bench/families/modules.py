@@ -1,0 +1,63 @@
+"""The table of modules a transformer block may hold, and attention written out.
+
+Each known module type has a role (its rule is the attributor's choice); dropout and
+identity modules compute nothing in eval mode and are skipped. Attention is written as
+explicit operations (projections, q·kᵀ, softmax, A·v, output projection): AttnLRP has a
+rule for each, and PyTorch's fused attention has no double backward on CPU.
+"""
+from torch import nn
+from torch.nn import functional as F
+
+#: element-wise non-linearities (AttnLRP's identity rule)
+ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Mish, nn.Tanh,
+               nn.Sigmoid, nn.Softplus, nn.Hardswish)
+#: modules that return their input in eval mode
+SKIPPED = (nn.Dropout, nn.Identity)
+#: module type -> role
+ROLES = ((nn.Linear, "linear"), (nn.Conv2d, "linear"), (nn.LayerNorm, "norm"),
+         (ELEMENTWISE, "activation"))
+
+
+def role_of(module):
+    """The role of ``module`` in the table, or None."""
+    return next((role for types, role in ROLES if isinstance(module, types)), None)
+
+
+def run(tape, module, x):
+    """``module(x)`` recorded on ``tape``: a table module, or a Sequential of them."""
+    if isinstance(module, SKIPPED):
+        return x
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            x = run(tape, child, x)
+        return x
+    role = role_of(module)
+    if role is None:
+        raise tape.refuse(module, "it has no LRP rule in the transformer module table "
+                                  "(Linear, Conv2d, LayerNorm, element-wise activations, "
+                                  "Dropout, Identity, Sequential of them)")
+    if role == "norm" and len(module.normalized_shape) != 1:
+        raise tape.refuse(module, "only LayerNorm over the last dimension is supported")
+    return tape.apply(role, module, x, module=module)
+
+
+def attention(tape, x, in_weight, in_bias, heads, out_proj):
+    """Self-attention of ``x`` (N, S, E): q, k, v = x Wᵀ + b (``in_weight`` stacks the three),
+    softmax(q kᵀ / √d) v per head, then ``out_proj``."""
+    embed = x.shape[-1]
+    head_dim = embed // heads
+
+    def project(i):
+        weight = in_weight[i * embed:(i + 1) * embed]
+        bias = None if in_bias is None else in_bias[i * embed:(i + 1) * embed]
+        linear = tape.apply("linear", lambda t: F.linear(t, weight, bias), x)
+        return tape.apply("structure", lambda t: t.unflatten(-1, (heads, head_dim))
+                          .transpose(-3, -2), linear)
+
+    q, k, v = project(0), project(1), project(2)
+    q = tape.apply("structure", lambda t: t * head_dim ** -0.5, q)
+    scores = tape.apply("scores", lambda a, b: a @ b.transpose(-2, -1), q, k)
+    weights = tape.apply("softmax", lambda s: s.softmax(-1), scores)
+    context = tape.apply("context", lambda a, b: a @ b, weights, v)
+    merged = tape.apply("structure", lambda t: t.transpose(-3, -2).flatten(-2), context)
+    return run(tape, out_proj, merged)
