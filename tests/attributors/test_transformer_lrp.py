@@ -50,13 +50,12 @@ def relative_error(a, b):
 
 # ---------------------------------------------------------------- lxt as the reference
 
-@pytest.fixture(scope="module")
-def lxt_patches():
-    """lxt 2.1's efficient patch functions. ``lxt.efficient``'s ``__init__`` imports its
-    Hugging Face tables (and so ``transformers``); the torchvision patches need only torch,
-    so without ``transformers`` the submodules are loaded under a bare package entry."""
-    lxt = pytest.importorskip("lxt", reason="lxt (pip install lxt==2.1 --no-deps) is the "
-                                            "reference for the transformer LRP maps")
+def load_lxt():
+    """lxt 2.1's efficient patch functions and rules. ``lxt.efficient``'s ``__init__``
+    imports its Hugging Face tables (and so ``transformers``); the torchvision patches need
+    only torch, so without ``transformers`` the two submodules are loaded under a bare
+    package entry, which is removed again afterwards."""
+    import lxt
     try:
         from lxt.efficient import patches, rules
     except ImportError:
@@ -73,6 +72,13 @@ def lxt_patches():
                 del sys.modules[key]
             sys.modules.update(saved)
     return patches, rules
+
+
+@pytest.fixture(scope="module")
+def lxt_patches():
+    pytest.importorskip("lxt", reason="lxt (pip install --no-deps lxt==2.1) is the reference "
+                                      "for the transformer LRP maps")
+    return load_lxt()
 
 
 def lxt_model(model, patches, rules, cp):
