@@ -24,7 +24,8 @@ def role_of(module):
 
 
 def run(tape, module, x):
-    """``module(x)`` recorded on ``tape``: a table module, or a Sequential of them."""
+    """``module(x)`` recorded on ``tape``: a table module, a Sequential of them, or a module
+    that hands back its input unchanged in eval mode (timm's DropPath, PatchDropout)."""
     if isinstance(module, SKIPPED):
         return x
     if isinstance(module, nn.Sequential):
@@ -33,6 +34,8 @@ def run(tape, module, x):
         return x
     role = role_of(module)
     if role is None:
+        if module(x) is x:
+            return x
         raise tape.refuse(module, "it has no LRP rule in the transformer module table "
                                   "(Linear, Conv2d, LayerNorm, element-wise activations, "
                                   "Dropout, Identity, Sequential of them)")
@@ -41,23 +44,28 @@ def run(tape, module, x):
     return tape.apply(role, module, x, module=module)
 
 
-def attention(tape, x, in_weight, in_bias, heads, out_proj):
-    """Self-attention of ``x`` (N, S, E): q, k, v = x Wᵀ + b (``in_weight`` stacks the three),
-    softmax(q kᵀ / √d) v per head, then ``out_proj``."""
-    embed = x.shape[-1]
-    head_dim = embed // heads
+def attention(tape, x, in_weight, in_bias, heads, out_proj, q_norm=None, k_norm=None,
+              out_norm=None):
+    """Self-attention of ``x`` (N, S, E): q, k, v = x Wᵀ + b (``in_weight`` stacks the three
+    projections, each ``heads * head_dim`` rows), softmax(q kᵀ / √d) v per head, then
+    ``out_norm`` and ``out_proj``. ``q_norm``/``k_norm`` act per head on q and k."""
+    width = in_weight.shape[0] // 3
+    head_dim = width // heads
 
-    def project(i):
-        weight = in_weight[i * embed:(i + 1) * embed]
-        bias = None if in_bias is None else in_bias[i * embed:(i + 1) * embed]
+    def project(i, norm):
+        weight = in_weight[i * width:(i + 1) * width]
+        bias = None if in_bias is None else in_bias[i * width:(i + 1) * width]
         linear = tape.apply("linear", lambda t: F.linear(t, weight, bias), x)
-        return tape.apply("structure", lambda t: t.unflatten(-1, (heads, head_dim))
-                          .transpose(-3, -2), linear)
+        split = tape.apply("structure", lambda t: t.unflatten(-1, (heads, head_dim))
+                           .transpose(-3, -2), linear)
+        return split if norm is None else run(tape, norm, split)
 
-    q, k, v = project(0), project(1), project(2)
+    q, k, v = project(0, q_norm), project(1, k_norm), project(2, None)
     q = tape.apply("structure", lambda t: t * head_dim ** -0.5, q)
     scores = tape.apply("scores", lambda a, b: a @ b.transpose(-2, -1), q, k)
     weights = tape.apply("softmax", lambda s: s.softmax(-1), scores)
     context = tape.apply("context", lambda a, b: a @ b, weights, v)
     merged = tape.apply("structure", lambda t: t.transpose(-3, -2).flatten(-2), context)
+    if out_norm is not None:
+        merged = run(tape, out_norm, merged)
     return run(tape, out_proj, merged)

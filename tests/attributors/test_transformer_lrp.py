@@ -294,6 +294,79 @@ def test_groups_and_facts():
         assert cls.preset == "lrp" and issubclass(cls, transformer_lrp.TransformerLRP)
 
 
+# -------------------------------------------------------------------------------- timm
+
+def timm_twin(model):
+    """timm's VisionTransformer with the weights of torchvision's ``model`` (tiny_vit)."""
+    timm = pytest.importorskip("timm", reason="timm is the optional extra for timm's ViT/DeiT")
+    twin = timm.models.vision_transformer.VisionTransformer(
+        img_size=model.image_size, patch_size=model.patch_size, embed_dim=model.hidden_dim,
+        depth=len(model.encoder.layers), num_heads=2, mlp_ratio=2, qkv_bias=True,
+        num_classes=5).to(model.class_token.dtype).eval()
+    names = {"conv_proj": "patch_embed.proj", "class_token": "cls_token",
+             "encoder.pos_embedding": "pos_embed", "encoder.ln": "norm", "heads.head": "head"}
+    for i in range(len(model.encoder.layers)):
+        names.update({f"encoder.layers.encoder_layer_{i}.{a}": f"blocks.{i}.{b}" for a, b in (
+            ("ln_1", "norm1"), ("ln_2", "norm2"), ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
+            ("self_attention.out_proj", "attn.proj"),
+            ("self_attention.in_proj_weight", "attn.qkv.weight"),
+            ("self_attention.in_proj_bias", "attn.qkv.bias"))})
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = max((p for p in names if key == p or key.startswith(p + ".")), key=len)
+        state[names[prefix] + key[len(prefix):]] = value
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_timm_vit_gets_the_map_of_its_torchvision_twin(name):
+    model, x = tiny_vit(), images()
+    twin = timm_twin(model)
+    assert torch.allclose(twin(x), model(x), rtol=1e-10, atol=1e-12)
+    expected = attributors.create(name, model)(x, TARGET)[1]
+    assert relative_error(attributors.create(name, twin)(x, TARGET)[1], expected) <= 1e-10
+
+
+@pytest.mark.parametrize("options", [
+    dict(class_token=True, global_pool="avg", fc_norm=True, qk_norm=True, init_values=0.1,
+         reg_tokens=2, no_embed_class=True),
+    dict(distilled=True)], ids=["avg-qknorm-layerscale-registers", "distilled-deit"])
+def test_timm_variants_explain_and_differentiate(options):
+    """Average pooling, q/k LayerNorm, LayerScale, register tokens, distilled DeiT: the
+    logits are timm's, CP-LRP conserves without biases, gradcheck (fast mode) passes."""
+    timm = pytest.importorskip("timm", reason="timm is the optional extra for timm's ViT/DeiT")
+    options = dict(options)
+    distilled = options.pop("distilled", False)
+    cls = (timm.models.deit.VisionTransformerDistilled if distilled
+           else timm.models.vision_transformer.VisionTransformer)
+    torch.manual_seed(0)
+    model = cls(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                num_classes=5, **options).double().eval()
+    x = images()
+    explain = attributors.create("lrp.attnlrp", model, epsilon=1e-3)
+    output, _ = explain(x, TARGET)
+    assert torch.allclose(output, model(x), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: explain(v, TARGET)[1], (x.requires_grad_(),),
+                                    eps=1e-6, atol=1e-7, rtol=1e-4, fast_mode=True)
+    bare = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, parameter in bare.named_parameters():
+            if key.endswith(("bias", "_token", "pos_embed")):
+                parameter.zero_()
+    ratio = conservation("lrp.cp_lrp", bare, epsilon=0.0)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4), ratio
+
+
+def test_a_timm_attention_it_cannot_read_is_refused_by_name():
+    timm = pytest.importorskip("timm", reason="timm is the optional extra for timm's ViT/DeiT")
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+    model.blocks[1].attn = timm.layers.attention.Attention(32, 2, gated=True)
+    with pytest.raises(ManipBenchError, match=r"'blocks\.1\.attn' \(Attention\): gated"):
+        attributors.create("lrp.cp_lrp", model)
+
+
 # ------------------------------------------------------------------------------ attack
 
 @pytest.mark.parametrize("name", NAMES)
