@@ -1,16 +1,17 @@
 """Model families for the transformer LRP attributors: which module gets which LRP role.
 
-A family knows one architecture's forward (:mod:`.torchvision_vit`, :mod:`.timm_vit`) and replays it
+A family knows one architecture's forward (:mod:`.torchvision_vit`,
+:mod:`.torchvision_swin`, :mod:`.timm_vit`) and replays it
 operation by operation on a *tape* (:class:`manip_bench.attributors.transformer_lrp.Tape`),
 naming each operation's role ("linear", "norm", "activation", "softmax", "scores",
 "context", "structure"); the attributor decides the rule of each role. Modules inside a
 block are mapped by the table in :mod:`.modules`, attention by :func:`.modules.attention`.
 """
 from ..errors import ManipBenchError
-from . import timm_vit, torchvision_vit
+from . import timm_vit, torchvision_swin, torchvision_vit
 
 #: every known family, tried in order
-FAMILIES = (torchvision_vit, timm_vit)
+FAMILIES = (torchvision_vit, torchvision_swin, timm_vit)
 
 
 def find(model):

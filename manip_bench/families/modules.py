@@ -13,9 +13,11 @@ ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Mis
                nn.Sigmoid, nn.Softplus, nn.Hardswish)
 #: modules that return their input in eval mode
 SKIPPED = (nn.Dropout, nn.Identity)
+#: modules that only move or average values (their plain gradient is LRP-0)
+STRUCTURE = (nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 #: module type -> role
 ROLES = ((nn.Linear, "linear"), (nn.Conv2d, "linear"), (nn.LayerNorm, "norm"),
-         (ELEMENTWISE, "activation"))
+         (ELEMENTWISE, "activation"), (STRUCTURE, "structure"))
 
 
 def role_of(module):
@@ -45,10 +47,11 @@ def run(tape, module, x):
 
 
 def attention(tape, x, in_weight, in_bias, heads, out_proj, q_norm=None, k_norm=None,
-              out_norm=None):
+              out_norm=None, score_bias=None):
     """Self-attention of ``x`` (N, S, E): q, k, v = x Wᵀ + b (``in_weight`` stacks the three
-    projections, each ``heads * head_dim`` rows), softmax(q kᵀ / √d) v per head, then
-    ``out_norm`` and ``out_proj``. ``q_norm``/``k_norm`` act per head on q and k."""
+    projections, each ``heads * head_dim`` rows), softmax(q kᵀ / √d + bias) v per head, then
+    ``out_norm`` and ``out_proj``. ``q_norm``/``k_norm`` act per head on q and k;
+    ``score_bias(scores)`` adds constants to the scores (relative position bias, masks)."""
     width = in_weight.shape[0] // 3
     head_dim = width // heads
 
@@ -63,6 +66,8 @@ def attention(tape, x, in_weight, in_bias, heads, out_proj, q_norm=None, k_norm=
     q, k, v = project(0, q_norm), project(1, k_norm), project(2, None)
     q = tape.apply("structure", lambda t: t * head_dim ** -0.5, q)
     scores = tape.apply("scores", lambda a, b: a @ b.transpose(-2, -1), q, k)
+    if score_bias is not None:
+        scores = tape.apply("structure", score_bias, scores)
     weights = tape.apply("softmax", lambda s: s.softmax(-1), scores)
     context = tape.apply("context", lambda a, b: a @ b, weights, v)
     merged = tape.apply("structure", lambda t: t.transpose(-3, -2).flatten(-2), context)

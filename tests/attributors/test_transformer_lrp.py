@@ -294,6 +294,47 @@ def test_groups_and_facts():
         assert cls.preset == "lrp" and issubclass(cls, transformer_lrp.TransformerLRP)
 
 
+# -------------------------------------------------------------------------------- Swin
+
+def tiny_swin(v2=False):
+    """Two stages (depth 2 each: one plain and one shifted window), window 4, dim 16."""
+    from torchvision.models import swin_transformer as swin
+
+    torch.manual_seed(0)
+    options = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) \
+        if v2 else {}
+    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2],
+                                num_heads=[2, 2], window_size=[4, 4], num_classes=5,
+                                **options).double().eval()
+
+
+@pytest.mark.parametrize("size", [32, 40], ids=["shifted", "padded"])
+@pytest.mark.parametrize("name", NAMES)
+def test_swin_explains_differentiates_and_conserves(name, size):
+    """32x32: 8x8 tokens, shifted windows with their mask; 40x40: 10x10 tokens padded to
+    windows, 5x5 after merging. Logits are the model's, gradcheck (fast mode) passes, and
+    CP-LRP conserves without biases (relative position bias and mask only shift scores)."""
+    model, x = tiny_swin(), images(size=size)
+    explain = attributors.create(name, model, epsilon=1e-3)
+    output, _ = explain(x, TARGET)
+    assert torch.allclose(output, model(x), rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: explain(v, TARGET)[1], (x.requires_grad_(),),
+                                    eps=1e-6, atol=1e-7, rtol=1e-4, fast_mode=True)
+    if name == "lrp.cp_lrp":
+        bare = copy.deepcopy(model)
+        with torch.no_grad():
+            for key, parameter in bare.named_parameters():
+                if key.endswith("bias"):
+                    parameter.zero_()
+        ratio = conservation(name, bare, epsilon=0.0)
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4), ratio
+
+
+def test_swin_v2_is_refused_by_name():
+    with pytest.raises(ManipBenchError, match=r"'features\.1\.0' \(SwinTransformerBlockV2\)"):
+        attributors.create("lrp.attnlrp", tiny_swin(v2=True))
+
+
 # -------------------------------------------------------------------------------- timm
 
 def timm_twin(model):
