@@ -40,17 +40,20 @@ def main():
     torch.set_num_threads(1)
     x, target = t.images(), t.TARGET
     print("| model | method | ε | total / logit (2 images) |\n|---|---|---|---|")
-    for label, model in (("biases on", t.tiny_vit()), ("biases off", t.without_biases(t.tiny_vit()))):
+    models = (("biases on", t.tiny_vit()), ("biases off", t.without_biases(t.tiny_vit())))
+    for label, model in models:
         for name in t.NAMES:
             for epsilon in (0.0, 1e-6, 0.25):
                 output, relevance = attributors.create(name, model, epsilon=epsilon)(x, target)
-                ratio = attributors.total_relevance(relevance) / output.gather(1, target[:, None])[:, 0]
+                logit = output.gather(1, target[:, None])[:, 0]
+                ratio = attributors.total_relevance(relevance) / logit
                 print(f"| {label} | {name} | {epsilon:g} | "
                       f"{', '.join(f'{r:.4f}' for r in ratio.tolist())} |")
     patches, rules = t.load_lxt()
     model = t.tiny_vit()
     weights = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
-    print("\n| method | map: rel. error to lxt | d(loss)/dx: rel. difference to lxt's |\n|---|---|---|")
+    print("\n| method | map: rel. error to lxt | d(loss)/dx: rel. difference to lxt's |"
+          "\n|---|---|---|")
     for name in t.NAMES:
         patched = t.lxt_model(model, patches, rules, cp=name == "lrp.cp_lrp")
         explain = attributors.create(name, model, epsilon=0.0)

@@ -21,6 +21,7 @@ the families walk the model's forward and record roles ("linear", "norm", ...), 
 attributor maps roles to rules.
 """
 import torch
+from torch import nn
 
 from .. import families
 from ..errors import ManipBenchError
@@ -95,10 +96,26 @@ class LayerNormIdentity(Rule):
         return (scaled - scaled.mean(-1, keepdim=True),)
 
 
+def _gelu_secant(module, x):
+    if module.approximate == "tanh":
+        return 0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1 + torch.erf(x * 0.5 ** 0.5))
+
+
+#: f(x) / x in closed form for element-wise f(x) = x * h(x): h(x), smooth through x = 0
+SECANTS = {
+    nn.GELU: _gelu_secant,
+    nn.SiLU: lambda module, x: torch.sigmoid(x),
+    nn.ReLU: lambda module, x: (x > 0).to(x.dtype),
+}
+
+
 class Identity(Rule):
     """Identity rule on an element-wise non-linearity y = f(x): R_in = R_out.
 
-    In gradient form g_in = g * f(x) / x, the division stabilised by ``epsilon``.
+    In gradient form g_in = g * f(x) / x. For the activations of :data:`SECANTS` the ratio
+    is computed in closed form (exact, and smooth where x is near 0); for others the
+    division is stabilised by ``epsilon``.
     """
 
     def __init__(self, epsilon=1e-10):
@@ -106,6 +123,9 @@ class Identity(Rule):
 
     def backward(self, grad, op):
         (x,) = op.inputs
+        secant = SECANTS.get(type(op.module))
+        if secant is not None:
+            return (grad * secant(op.module, x),)
         return (grad * op.output / stabilize(x, self.epsilon),)
 
 
@@ -172,7 +192,7 @@ class Tape:
 
     def refuse(self, module, why):
         """A ManipBenchError naming ``module``."""
-        return ManipBenchError(f"AttnLRP cannot read module '{self.name(module)}' "
+        return ManipBenchError(f"LRP for transformers cannot read module '{self.name(module)}' "
                                f"({type(module).__name__}): {why}")
 
     def relevance(self, x, output, grad):
@@ -188,8 +208,9 @@ class Tape:
                     grads[key] = grads[key] + g_in if key in grads else g_in
         g_x = grads.get(id(x))
         if g_x is None:
-            raise ManipBenchError("AttnLRP: no relevance reached the input; the model's "
-                                  "forward does not use the image the way its family table says")
+            raise ManipBenchError("LRP for transformers: no relevance reached the input; the "
+                                  "model's forward does not use the image the way its family "
+                                  "table says")
         return x * g_x
 
 
@@ -243,7 +264,7 @@ class TransformerLRP(Attributor):
 
 
 class AttnLRP(TransformerLRP):
-    """AttnLRP: ε linear, identity on LayerNorm and GELU, softmax rule, uniform q·kᵀ and A·v."""
+    """AttnLRP: ε linear, identity LayerNorm and GELU, softmax rule, uniform q·kᵀ and A·v."""
 
     name = "lrp.attnlrp"
     rule = "AttnLRP: ε linear, identity LayerNorm/GELU, softmax rule, uniform q·kᵀ, A·v"

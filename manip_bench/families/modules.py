@@ -8,9 +8,9 @@ rule for each, and PyTorch's fused attention has no double backward on CPU.
 from torch import nn
 from torch.nn import functional as F
 
-#: element-wise non-linearities (AttnLRP's identity rule)
+#: element-wise non-linearities with f(0) = 0 (AttnLRP's identity rule divides by x)
 ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Mish, nn.Tanh,
-               nn.Sigmoid, nn.Softplus, nn.Hardswish)
+               nn.Hardswish)
 #: modules that return their input in eval mode
 SKIPPED = (nn.Dropout, nn.Identity)
 #: modules that only move or average values (their plain gradient is LRP-0)

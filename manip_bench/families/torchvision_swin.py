@@ -50,7 +50,7 @@ def _window_attention(tape, module, x):
         raise tape.refuse(module, "only Swin V1's ShiftedWindowAttention is supported")
     window = list(module.window_size)
     batch, height, width, channels = x.shape
-    pad = ((window[0] - height % window[0]) % window[0], (window[1] - width % window[1]) % window[1])
+    pad = [(w - size % w) % w for w, size in zip(window, (height, width))]
     padded_h, padded_w = height + pad[0], width + pad[1]
     shift = [s if w < p else 0 for s, w, p in zip(module.shift_size, window,
                                                    (padded_h, padded_w))]

@@ -162,6 +162,15 @@ def test_epsilon_rule_equals_zennits():
                               rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("module", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(),
+                                    nn.ReLU()], ids=repr)
+def test_identity_rule_secants_are_f_of_x_over_x(module):
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    x = x[x != 0]
+    assert torch.allclose(transformer_lrp.SECANTS[type(module)](module, x), module(x) / x,
+                          rtol=1e-12, atol=1e-14)
+
+
 # ------------------------------------------------------------------ the forward and conservation
 
 @pytest.mark.parametrize("name", NAMES)
