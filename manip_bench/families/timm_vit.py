@@ -5,7 +5,7 @@ timm model means timm is loaded already). Supported: patch embedding by one Conv
 class / register / distillation tokens and position embedding (constants), pre-norm
 blocks (``Block``: norm, attention, LayerScale, residual; norm, MLP, LayerScale,
 residual), token or average pooling, ``fc_norm`` and the head. Refused, naming the
-module: other block types, attention masks or gates, dynamic image sizes, attention
+module: other block types, gated attention or MLPs, dynamic image sizes, attention
 pooling, max pooling.
 """
 import sys
@@ -89,16 +89,19 @@ def _scale(tape, module, x):
 
 
 def _block(tape, block, tokens):
-    vit = _timm("models.vision_transformer")
+    vit, mlp = _timm("models.vision_transformer"), _timm("layers.mlp")
     if type(block) is not vit.Block:
         raise tape.refuse(block, "only timm's pre-norm Block is supported")
+    if type(block.mlp) is not mlp.Mlp:
+        raise tape.refuse(block.mlp, "only timm's plain Mlp is supported (no gated MLP)")
     mixed = _attention(tape, block.attn, run(tape, block.norm1, tokens))
     mixed = run(tape, block.drop_path1, _scale(tape, block.ls1, mixed))
     tokens = tape.apply("structure", torch.add, tokens, mixed)
-    mlp = run(tape, block.mlp.fc2, run(tape, block.mlp.norm, run(tape, block.mlp.drop1, run(
-        tape, block.mlp.act, run(tape, block.mlp.fc1, run(tape, block.norm2, tokens))))))
-    mlp = run(tape, block.drop_path2, _scale(tape, block.ls2, run(tape, block.mlp.drop2, mlp)))
-    return tape.apply("structure", torch.add, tokens, mlp)
+    hidden = run(tape, block.norm2, tokens)
+    for part in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):
+        hidden = run(tape, getattr(block.mlp, part), hidden)
+    hidden = run(tape, block.drop_path2, _scale(tape, block.ls2, hidden))
+    return tape.apply("structure", torch.add, tokens, hidden)
 
 
 def _head(tape, model, tokens):

@@ -408,13 +408,18 @@ def test_timm_variants_explain_and_differentiate(options):
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4), ratio
 
 
-def test_a_timm_attention_it_cannot_read_is_refused_by_name():
+def test_timm_modules_it_cannot_read_are_refused_by_name():
     timm = pytest.importorskip("timm", reason="timm is the optional extra for timm's ViT/DeiT")
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+    vit = timm.models.vision_transformer.VisionTransformer
+    model = vit(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                num_classes=5).eval()
     model.blocks[1].attn = timm.layers.attention.Attention(32, 2, gated=True)
     with pytest.raises(ManipBenchError, match=r"'blocks\.1\.attn' \(Attention\): gated"):
         attributors.create("lrp.cp_lrp", model)
+    model = vit(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU).eval()
+    with pytest.raises(ManipBenchError, match=r"'blocks\.0\.mlp' \(GluMlp\)"):
+        attributors.create("lrp.attnlrp", model)
 
 
 # ------------------------------------------------------------------------------ attack
