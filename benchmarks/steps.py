@@ -35,8 +35,10 @@ ZENNIT = tuple(attributors.GROUPS["lrp"])
 
 
 def attackable():
-    """Every registry attributor that can be attacked."""
-    return [name for name in attributors.available() if attributors.get_class(name).attackable]
+    """Every registry attributor that can be attacked on any model (the benchmarks' CNNs);
+    transformer-only ones are benchmarked in ``benchmarks/test_transformer_lrp.py``."""
+    return [name for name in attributors.available() if attributors.get_class(name).attackable
+            and not getattr(attributors.get_class(name), "architecture", None)]
 
 
 def load_model(name, device):

@@ -7,7 +7,7 @@ import inspect
 
 from .. import plugins
 from ..errors import ManipBenchError, unknown_name
-from . import captum, pattern, zennit
+from . import captum, pattern, transformer_lrp, zennit
 from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
 
 _CLASSES = (
@@ -15,7 +15,7 @@ _CLASSES = (
     captum.GradientShap, captum.GuidedBackprop, captum.Deconvolution, captum.DeepLift,
     zennit.CaptumLRP, zennit.EpsilonLRP, zennit.EpsilonPlusFlatLRP, zennit.EpsilonPlusLRP,
     zennit.Alpha2Beta1LRP, zennit.EpsilonGammaBoxLRP, zennit.GammaPerBlockLRP, zennit.PaperLRP,
-    pattern.PatternAttribution,
+    pattern.PatternAttribution, transformer_lrp.AttnLRP, transformer_lrp.CPLRP,
 )
 REGISTRY = {cls.name: cls for cls in _CLASSES}
 
@@ -23,8 +23,11 @@ REGISTRY = {cls.name: cls for cls in _CLASSES}
 GROUPS = {
     "gradient": [n for n, c in REGISTRY.items() if c.needs_softplus and c.attackable],
     "lrp": [n for n, c in REGISTRY.items() if issubclass(c, zennit.ZennitAttributor)],
+    # methods that explain one architecture only (``cls.architecture``), not in "all"
+    "transformer": [n for n, c in REGISTRY.items() if getattr(c, "architecture", None)],
 }
-GROUPS["all"] = sorted(n for n, c in REGISTRY.items() if c.attackable)
+GROUPS["all"] = sorted(n for n, c in REGISTRY.items()
+                       if c.attackable and not getattr(c, "architecture", None))
 
 
 def register(cls):

@@ -30,9 +30,12 @@ def assert_unchanged(model, before):
         assert torch.equal(after["state"][key], value), key
 
 
-# pattern.* need patterns estimated for the model: their contract is in tests/test_patterns.py
+# pattern.* need patterns estimated for the model: their contract is in tests/test_patterns.py;
+# transformer-only methods (``architecture``): in tests/attributors/test_transformer_lrp.py
 @pytest.mark.parametrize("name", [name for name in attributors.available()
-                                  if not name.startswith("pattern.")])
+                                  if not name.startswith("pattern.")
+                                  and not getattr(attributors.get_class(name), "architecture",
+                                                  None)])
 def test_model_unchanged_after_create_and_explain(name, plain_cnn, images):
     plain_cnn.train()  # an unusual mode the attributor must not change
     plain_cnn.features[0].weight.requires_grad_(False)

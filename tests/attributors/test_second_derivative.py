@@ -7,9 +7,11 @@ from torch import nn
 from conftest import tiny_net
 from manip_bench import attributors, defences
 
-# pattern.* need patterns for the model: their gradcheck is in tests/test_patterns.py
+# pattern.* need patterns for the model: their gradcheck is in tests/test_patterns.py;
+# transformer-only methods (``architecture``): in tests/attributors/test_transformer_lrp.py
 ATTACKABLE = [name for name in attributors.available()
-              if attributors.get_class(name).attackable and not name.startswith("pattern.")]
+              if attributors.get_class(name).attackable and not name.startswith("pattern.")
+              and not getattr(attributors.get_class(name), "architecture", None)]
 
 
 def relevance_fn(name):
