@@ -24,10 +24,9 @@ GROUPS = {
     "gradient": [n for n, c in REGISTRY.items() if c.needs_softplus and c.attackable],
     "lrp": [n for n, c in REGISTRY.items() if issubclass(c, zennit.ZennitAttributor)],
     # methods that explain one architecture only (``cls.architecture``), not in "all"
-    "transformer": [n for n, c in REGISTRY.items() if getattr(c, "architecture", None)],
+    "transformer": [n for n, c in REGISTRY.items() if c.architecture],
 }
-GROUPS["all"] = sorted(n for n, c in REGISTRY.items()
-                       if c.attackable and not getattr(c, "architecture", None))
+GROUPS["all"] = sorted(n for n, c in REGISTRY.items() if c.attackable and not c.architecture)
 
 
 def register(cls):
@@ -40,7 +39,7 @@ def register(cls):
     if not (isinstance(cls, type) and issubclass(cls, Attributor)) or not cls.name:
         raise ManipBenchError(f"register() takes an Attributor subclass with a name, got {cls!r}")
     REGISTRY[cls.name] = cls
-    if cls.attackable:
+    if cls.attackable and not cls.architecture:
         GROUPS["all"] = sorted({*GROUPS["all"], cls.name})
         if cls.needs_softplus:
             GROUPS["gradient"] = sorted({*GROUPS["gradient"], cls.name})

@@ -177,6 +177,8 @@ class Attributor:
     not_attackable_reason = ""
     swap_relu = True
     preset = "gradient"
+    #: the one architecture a method explains (e.g. "vision transformer"); None: any
+    architecture = None
 
     def __init__(self, model):
         self.model = prepare_model(model, self.swap_relu)

@@ -26,6 +26,7 @@ from torch import nn
 from .. import families
 from ..errors import ManipBenchError
 from .base import Attributor, input_with_grad, one_hot
+from .canonize import input_affine_map
 
 
 def stabilize(z, epsilon):
@@ -244,11 +245,13 @@ class TransformerLRP(Attributor):
         if not epsilon >= 0:
             raise ManipBenchError(f"epsilon must be >= 0, got {epsilon}")
         self.epsilon = epsilon
-        self.family = families.find(self.model)
+        self.family, self.transformer = _transformer_inside(self.model)
         self._names = {module: name for name, module in self.model.named_modules()}
+        probe = self.family.probe(self.transformer)
+        #: ``(slope, offset)`` of a normalisation the model applies before its transformer
+        self.input_map = _input_map(self.model, self.transformer, probe, self._names)
         with torch.no_grad():  # a dry run: unreadable modules are refused at creation
-            self.family.forward(self.model, self.family.probe(self.model),
-                                Tape(self.rules(), self._names))
+            self.family.forward(self.transformer, probe, Tape(self.rules(), self._names))
 
     def rules(self):
         """Role -> rule for one explanation."""
@@ -257,10 +260,47 @@ class TransformerLRP(Attributor):
     def attribute(self, x, target):
         x = input_with_grad(x)
         with torch.enable_grad():
+            # the relevance reaching the transformer's input passes a normalisation unchanged
+            z = x if self.input_map is None else self.input_map[0] * x + self.input_map[1]
             tape = Tape(self.rules(), self._names)
-            output = self.family.forward(self.model, x, tape)
-            relevance = tape.relevance(x, output, one_hot(target, output))
+            output = self.family.forward(self.transformer, z, tape)
+            relevance = tape.relevance(z, output, one_hot(target, output))
         return output, relevance
+
+
+def _transformer_inside(model):
+    """``(family, module)``: the model itself if a family knows it, else its one submodule
+    that a family knows (``nn.Sequential(normalize, vit)``, a wrapper module)."""
+    try:
+        return families.find(model), model
+    except ManipBenchError as error:
+        inner = [m for name, m in model.named_modules()
+                 if name and any(f.matches(m) for f in families.FAMILIES)]
+        if len(inner) != 1:
+            raise error
+        return families.find(inner[0]), inner[0]
+
+
+def _input_map(model, transformer, probe, names):
+    """``(slope, offset)`` of what ``model`` does before ``transformer`` (None: nothing), or a
+    ManipBenchError when that is not an elementwise affine map or something follows it."""
+    if transformer is model:
+        return None
+    name = names.get(transformer, "")
+    affine = input_affine_map(model, transformer, probe)
+    if affine is None:
+        raise ManipBenchError(
+            f"the model computes something before its transformer '{name}' that is not an "
+            "elementwise affine normalisation; LRP for transformers explains a transformer "
+            "alone or behind a normalisation (nn.Sequential(normalize, vit))")
+    x = torch.rand(probe.shape, generator=torch.Generator().manual_seed(0),
+                   dtype=probe.dtype).to(probe.device)
+    with torch.no_grad():
+        outer, inner = model(x), transformer(affine[0] * x + affine[1])
+    if not torch.allclose(outer, inner, rtol=1e-4, atol=1e-5 * max(1.0, inner.abs().max())):
+        raise ManipBenchError(f"the model's output is not its transformer '{name}''s output; "
+                              "LRP for transformers explains a transformer's logits")
+    return affine
 
 
 class AttnLRP(TransformerLRP):

@@ -440,3 +440,37 @@ def test_attack_moves_the_map(name):
         assert a > b + 0.2, (before, after)
     assert max(result.metrics["input_linf"]) <= 32 / 255 + 1e-6
     assert len(result.metrics["relevance_conservation"]) == 2
+
+
+class Shift(nn.Module):
+    """A user's input normalisation (x - 0.5) / 0.25, in front of the transformer."""
+
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+@pytest.mark.parametrize("name", ["lrp.attnlrp", "lrp.cp_lrp"])
+def test_a_transformer_behind_a_normalisation_is_explained(name):
+    """nn.Sequential(normalize, vit): the relevance at the transformer's input, handed to the
+    image unchanged (as the Zennit attributors do), differentiable in the image."""
+    vit = tiny_vit()
+    x = images()
+    wrapped = attributors.create(name, nn.Sequential(Shift(), vit))
+    output, relevance = wrapped(x, 1)
+    bare_output, bare_relevance = attributors.create(name, vit)((x - 0.5) / 0.25, 1)
+    assert relative_error(output, bare_output) < 1e-12
+    assert relative_error(relevance, bare_relevance) < 1e-10
+    x = images(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: wrapped(x, 1)[1].pow(2).sum(), (x,),
+                                    fast_mode=True)
+
+
+def test_a_wrapper_that_does_more_than_normalise_is_refused():
+    class Squared(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    with pytest.raises(ManipBenchError, match="not an elementwise affine normalisation"):
+        attributors.create("lrp.attnlrp", nn.Sequential(Squared(), tiny_vit()))
+    with pytest.raises(ManipBenchError, match="is not its transformer"):
+        attributors.create("lrp.attnlrp", nn.Sequential(Shift(), tiny_vit(), nn.Softmax(1)))
