@@ -35,8 +35,9 @@ def resnet18_state():
 
 
 def test_names_and_facts_need_no_download(offline):
-    assert models.available() == ["alexnet", "cifar_resnet", "cifar_vgg", "cifar_vgg_robust",
-                                  "densenet121", "resnet18", "vgg16"]
+    assert models.available() == ["alexnet", "cifar_convnext", "cifar_resnet", "cifar_vgg",
+                                  "cifar_vgg_robust", "cifar_vit", "densenet121", "resnet18",
+                                  "vgg16"]
     assert models.input_size("cifar_vgg") == 32 and models.input_size("vgg16") == 224
     assert models.class_names("cifar_vgg")[:2] == ["airplane", "automobile"]
     assert len(models.class_names("resnet18")) == 1000
