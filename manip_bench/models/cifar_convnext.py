@@ -77,6 +77,9 @@ class CifarConvNeXt(nn.Module):
     Takes images in [0, 1] of shape ``(N, 3, H, W)`` (meant for 32 x 32: stages at 16, 8
     and 4 pixels) and normalises them with the CIFAR-10 mean and std in its first
     submodule ``normalize``. Nonlinearities: GELU only; normalisation: LayerNorm only.
+    The shipped weights (``models.load("cifar_convnext")``, 0.91 M parameters) were trained
+    for 21 minutes on one shared CPU thread (0.77 epochs) and score 38.16 % on the 10,000
+    CIFAR-10 test images (docs/models.md).
     """
 
     def __init__(self, widths=CIFAR_CONVNEXT_WIDTHS, depths=CIFAR_CONVNEXT_DEPTHS, num_classes=10):

@@ -26,7 +26,10 @@ class CifarViT(nn.Module):
     ``models.load("cifar_vit", weights=path)``. Torchvision initialises the head to zero,
     which makes every gradient of a randomly initialised model zero; here the head starts
     from small random weights instead (``weights="random"`` gives nonzero explanations).
-    Input size is fixed at ``image_size`` (32).
+    Input size is fixed at ``image_size`` (32). The shipped weights
+    (``models.load("cifar_vit")``, 0.55 M parameters) were trained for 21 minutes on one
+    shared CPU thread (0.69 epochs) and score 40.08 % on the 10,000 CIFAR-10 test images
+    (docs/models.md).
     """
 
     def __init__(self, num_classes=10, head_std=0.01, **config):
