@@ -5,7 +5,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import SHARED_DATA, requires_shared_data
-from manip_bench import models
+from manip_bench import ManipBenchError, models
 from manip_bench.data import load_batch
 from manip_bench.models import train_cifar
 from manip_bench.models.cifar_convnext import CifarConvNeXt, ConvNeXtBlock
@@ -109,6 +109,15 @@ def test_state_dict_files_roundtrip(tmp_path, shipped):
         expected = model(x)
         for file in ("checkpoint.pt", "bare.pt"):
             assert torch.equal(models.load(name, weights=tmp_path / file)(x), expected)
+
+
+@pytest.mark.parametrize("name, attribute, arch", [("cifar_convnext", "CIFAR_CONVNEXT_WEIGHTS",
+                                                   "convnext"),
+                                                  ("cifar_vit", "CIFAR_VIT_WEIGHTS", "vit")])
+def test_missing_weights_file_says_how_to_retrain(monkeypatch, tmp_path, name, attribute, arch):
+    monkeypatch.setattr(models, attribute, tmp_path / f"{name}.pt")
+    with pytest.raises(ManipBenchError, match=f"weights missing.*train_cifar --arch {arch} "):
+        models.load(name)
 
 
 def test_convnext_is_built_from_convnext_parts():

@@ -8,8 +8,10 @@ from torch import nn
 from conftest import SHARED_DATA, requires_shared_data
 from manip_bench import ManipBenchError, models
 from manip_bench.data import load_batch
+from manip_bench.models.cifar_convnext import CifarConvNeXt
 from manip_bench.models.cifar_resnet import BasicBlock, CifarResNet
 from manip_bench.models.cifar_vgg import CIFAR10_MEAN, CifarVGG, Normalize
+from manip_bench.models.cifar_vit import CifarViT
 
 
 @pytest.fixture
@@ -53,7 +55,8 @@ def test_unknown_name_suggests_a_close_match():
         models.load("resnet19")
 
 
-@pytest.mark.parametrize("name, cls", [("cifar_vgg", CifarVGG), ("cifar_resnet", CifarResNet)])
+@pytest.mark.parametrize("name, cls", [("cifar_vgg", CifarVGG), ("cifar_resnet", CifarResNet),
+                                       ("cifar_convnext", CifarConvNeXt), ("cifar_vit", CifarViT)])
 def test_embedded_model_loads_package_data_with_weights_only(name, cls, monkeypatch):
     calls, real_load = [], torch.load
 
