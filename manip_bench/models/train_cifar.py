@@ -404,8 +404,8 @@ def train(model, data, args, device):
     """Train with the chosen optimiser and schedule until ``--epochs`` or ``--time-budget``
     ends; prints the loss and, every ``--eval-every`` epochs and at the end, test accuracy.
 
-    Returns the number of epochs run (the last one may be partial) and the seconds of
-    training steps."""
+    Returns the number of epochs run (the last one may be partial), the seconds of
+    training steps and the last test accuracy printed (None if none was)."""
     train_images, train_labels = data["train"]
     test_images, test_labels = data["test"]
     steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
@@ -415,7 +415,7 @@ def train(model, data, args, device):
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    epochs = 0.0
+    epochs, acc = 0.0, None
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(train_images), device=device)
@@ -452,11 +452,14 @@ def train(model, data, args, device):
         if args.curvature_penalty:
             message += f"  hessian penalty {total_penalty.item() / seen:.1f}"
         if epoch % args.eval_every == 0 or last:
-            message += f"  test acc {accuracy(predict(model, test_images), test_labels):.4f}"
+            acc = accuracy(predict(model, test_images), test_labels)
+            message += f"  test acc {acc:.4f}"
+        else:
+            acc = None
         print(message, flush=True)
         if last:
             break
-    return epochs, budget.elapsed()
+    return epochs, budget.elapsed(), acc
 
 
 def fold_and_check(model, test_images, test_labels):
@@ -528,7 +531,7 @@ def main(argv=None):
               f"before training: {value:.1f}", flush=True)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    epochs, train_seconds = train(model, data, args, device)
+    epochs, train_seconds, acc = train(model, data, args, device)
 
     if args.curvature_penalty:
         value, count = held_out_penalty(model, *data["test"], args.curvature_beta, seed=args.seed)
@@ -536,7 +539,7 @@ def main(argv=None):
               f"after training: {value:.1f}", flush=True)
     if args.arch == "vgg" and args.init is None:
         model, acc = fold_and_check(model, *data["test"])
-    else:
+    elif acc is None:  # no evaluation after the last step
         acc = accuracy(predict(model, data["test"][0]), data["test"][1])
     size = save_weights(model, args.out, args.arch)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
