@@ -1,10 +1,16 @@
-"""Train an embedded CIFAR-10 classifier (VGG or ResNet-20) and save its weights.
+"""Train an embedded CIFAR-10 classifier (VGG, ResNet-20, ConvNeXt or ViT) and save its weights.
 
 Usage::
 
     python -m manip_bench.models.train_cifar --data DIR --out cifar_vgg.pt
     python -m manip_bench.models.train_cifar --download DIR --out cifar_vgg.pt
     python -m manip_bench.models.train_cifar --arch resnet --data DIR --out cifar_resnet.pt
+    python -m manip_bench.models.train_cifar --arch vit --data DIR --out cifar_vit.pt \
+        --optimizer adamw --schedule cosine --lr 2e-3 --weight-decay 0.05 --time-budget 1260
+
+(``manip_bench.models.EMBEDDED_MODELS[name].train_args`` holds the options each shipped
+model was trained with.) The weights go to ``--out`` only; the shipped files inside the
+package are never written unless ``--out`` names them.
 
 ``--data`` takes an ImageFolder tree ``DIR/{train,test}/<class>/*.jpg`` with the
 ten CIFAR-10 class names; ``--download`` fetches the dataset with torchvision.
@@ -14,7 +20,17 @@ With ``--arch vgg`` (the default) ``CifarVGG(batch_norm=True)`` is trained, its
 batch norm folded into the convolutions, and only the folded model's float32
 ``state_dict`` is saved. With ``--arch resnet`` a ``CifarResNet`` is trained
 (residual branches start as identity) and its plain ``state_dict``, batch norm
-included, is saved. ``--threads`` caps PyTorch's CPU threads.
+included, is saved. With ``--arch convnext`` (``CifarConvNeXt``) or ``--arch vit``
+(``CifarViT``, torchvision's ``VisionTransformer``) the plain ``state_dict`` is saved.
+``--threads`` caps PyTorch's CPU threads.
+
+Optimiser and schedule: ``--optimizer sgd`` (Nesterov, the default) or ``adamw``;
+``--schedule onecycle`` (the default) or ``cosine`` (linear warm-up over ``--warmup`` of
+training, then cosine decay to zero). ``--time-budget SECONDS`` ends training when that
+much time has been spent in training steps (test evaluations are not counted) and drives
+the cosine schedule by elapsed time instead of steps, so a run fits a wall-clock budget
+on any machine; ``--epochs`` is then an upper bound. Such a run is reproducible in its
+recipe, not bit for bit: a faster machine takes more steps.
 
 Fine-tuning against explanation manipulation (Dombrowski et al. 2022, "Towards robust
 explanations for deep neural networks")::
@@ -51,10 +67,17 @@ from torch import nn
 
 from manip_bench.errors import ManipBenchError
 from manip_bench.runtime import pick_device
+from manip_bench.models.cifar_convnext import CifarConvNeXt
 from manip_bench.models.cifar_resnet import CifarResNet, zero_init_residuals
 from manip_bench.models.cifar_vgg import CIFAR10_CLASSES, CifarVGG, fold_batch_norm
+from manip_bench.models.cifar_vit import CifarViT
 
-ARCHITECTURES = {"vgg": CifarVGG, "resnet": CifarResNet}
+#: --arch -> the class of the saved model (what --init and the saved file hold)
+ARCHITECTURES = {"vgg": CifarVGG, "resnet": CifarResNet, "convnext": CifarConvNeXt, "vit": CifarViT}
+#: --arch -> a fresh model to train (vgg trains with batch norm, folded away before saving)
+FRESH_MODELS = {"vgg": lambda: CifarVGG(batch_norm=True),
+                "resnet": lambda: zero_init_residuals(CifarResNet()),
+                "convnext": CifarConvNeXt, "vit": CifarViT}
 
 
 def parse_args(argv=None):
@@ -63,13 +86,28 @@ def parse_args(argv=None):
     source.add_argument("--data", help="ImageFolder root holding train/ and test/")
     source.add_argument("--download", metavar="DIR",
                         help="download CIFAR-10 with torchvision into DIR")
-    parser.add_argument("--out", required=True,
-                        help="where to save the state_dict (batch-norm-folded for vgg)")
+    parser.add_argument("--out", help="where to save the state_dict (batch-norm-folded for "
+                                      "vgg); required unless --evaluate")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only print the test accuracy of the --init weights (reads the "
+                             "test split only, saves nothing)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="vgg",
-                        help="CifarVGG (batch norm folded away) or CifarResNet (batch norm kept)")
-    parser.add_argument("--epochs", type=int, default=60)
+                        help="CifarVGG (batch norm folded away), CifarResNet (batch norm kept), "
+                             "CifarConvNeXt or CifarViT (torchvision's VisionTransformer)")
+    parser.add_argument("--epochs", type=int, default=60,
+                        help="epochs (with --time-budget: at most this many)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds of training steps (evaluations not "
+                             "counted); the cosine schedule then runs on elapsed time")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.1, help="peak one-cycle learning rate")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="Nesterov SGD (momentum 0.9) or AdamW; no weight decay on "
+                             "biases and norm parameters either way")
+    parser.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
+                        help="one-cycle (epochs only) or linear warm-up then cosine decay to 0")
+    parser.add_argument("--warmup", type=float, default=0.05, metavar="FRACTION",
+                        help="fraction of training spent warming up (cosine schedule)")
+    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=5, help="epochs between test evaluations")
@@ -96,7 +134,14 @@ def parse_args(argv=None):
     parser.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
                         help="clip the gradient's total norm to MAX before each step (the "
                              "curvature penalty's gradient is heavy-tailed); default: no clipping")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.evaluate and args.init is None:
+        parser.error("--evaluate needs --init PATH (the weights to evaluate)")
+    if not args.evaluate and args.out is None:
+        parser.error("--out is required: where to save the trained weights")
+    if args.time_budget is not None and args.schedule != "cosine":
+        parser.error("--time-budget needs --schedule cosine")
+    return args
 
 
 def seed_everything(seed):
@@ -170,10 +215,13 @@ def load_torchvision(root, train, limit, seed):
     return images, torch.tensor(dataset.targets, dtype=torch.int64)[keep]
 
 
-def load_data(args):
-    """``{"train": (images, labels), "test": (images, labels)}`` on the CPU."""
+def load_data(args, splits=("train", "test")):
+    """``{"train": (images, labels), "test": (images, labels)}`` on the CPU (the ``splits``
+    asked for)."""
     data = {}
     for offset, split in enumerate(("train", "test")):
+        if split not in splits:
+            continue
         seed = args.seed + offset
         if args.data is not None:
             data[split] = load_image_folder(os.path.join(args.data, split), args.limit, seed, args.workers)
@@ -214,13 +262,63 @@ def accuracy(predictions, labels):
     return (predictions == labels).float().mean().item()
 
 
-def make_optimizer(model, lr, weight_decay):
-    """Nesterov SGD; biases and batch-norm parameters get no weight decay."""
+def make_optimizer(model, lr, weight_decay, kind="sgd"):
+    """Nesterov SGD or AdamW; biases and norm parameters (1-d) get no weight decay."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def cosine_factor(progress, warmup):
+    """Learning-rate factor at ``progress`` in [0, 1]: linear warm-up over the first
+    ``warmup`` fraction, then cosine decay from 1 to 0."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+
+class Budget:
+    """Training progress in [0, 1], from steps taken or from seconds spent training.
+
+    Parameters
+    ----------
+    total_steps : int
+        Steps of ``--epochs`` epochs.
+    seconds : float or None
+        ``--time-budget``: progress is the training time spent (only while ``running``),
+        and training ends when it is used up.
+    """
+
+    def __init__(self, total_steps, seconds=None):
+        self.total_steps, self.seconds = total_steps, seconds
+        self.steps, self.spent, self._since = 0, 0.0, None
+
+    @contextlib.contextmanager
+    def running(self):
+        self._since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent += time.perf_counter() - self._since
+            self._since = None
+
+    def elapsed(self):
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.spent + running
+
+    def progress(self):
+        by_steps = self.steps / self.total_steps
+        if self.seconds is None:
+            return by_steps
+        return max(by_steps, self.elapsed() / self.seconds)
+
+    def done(self):
+        return self.progress() >= 1.0
 
 
 @contextlib.contextmanager
@@ -280,48 +378,88 @@ def held_out_penalty(model, images, labels, beta, count=128, probes=8, seed=0):
     return values.mean().item(), len(index)
 
 
+def train_step(model, images, labels, criterion, optimizer, args):
+    """One optimiser step on a uint8 batch (augmented here); returns (loss, penalty or None)."""
+    inputs = to_float(augment(images))
+    if args.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    loss = criterion(model(inputs), labels)
+    penalty = None
+    if args.curvature_penalty:
+        # on the function the model computes in eval mode (batch norm: running stats)
+        model.eval()
+        penalty = hessian_penalty(model, inputs[:args.curvature_batch],
+                                  labels[:args.curvature_batch], args.curvature_beta).mean()
+        model.train()
+        loss = loss + args.curvature_penalty * penalty
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+    optimizer.step()
+    return loss.detach(), None if penalty is None else penalty.detach()
+
+
 def train(model, data, args, device):
-    """One-cycle training; prints the loss and, every ``--eval-every`` epochs, test accuracy."""
+    """Train with the chosen optimiser and schedule until ``--epochs`` or ``--time-budget``
+    ends; prints the loss and, every ``--eval-every`` epochs and at the end, test accuracy.
+
+    Returns the number of epochs run (the last one may be partial), the seconds of
+    training steps and the last test accuracy printed (None if none was)."""
     train_images, train_labels = data["train"]
     test_images, test_labels = data["test"]
     steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, args.optimizer)
+    budget = Budget(args.epochs * steps_per_epoch, args.time_budget)
+    if args.schedule == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    epochs, acc = 0.0, None
     for epoch in range(1, args.epochs + 1):
         model.train()
         order = torch.randperm(len(train_images), device=device)
         total_loss = torch.zeros((), device=device)
         total_penalty = torch.zeros((), device=device)
-        for start in range(0, len(order), args.batch_size):
-            index = order[start:start + args.batch_size]
-            inputs = to_float(augment(train_images[index]))
-            if args.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            loss = criterion(model(inputs), train_labels[index])
-            if args.curvature_penalty:
-                # on the function the model computes in eval mode (batch norm: running stats)
-                model.eval()
-                penalty = hessian_penalty(model, inputs[:args.curvature_batch],
-                                          train_labels[index[:args.curvature_batch]],
-                                          args.curvature_beta).mean()
-                model.train()
-                loss = loss + args.curvature_penalty * penalty
-                total_penalty += penalty.detach() * len(index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.detach() * len(index)
-        message = f"epoch {epoch:3d}/{args.epochs}  loss {total_loss.item() / len(order):.4f}"
+        seen = 0
+        with budget.running():
+            for start in range(0, len(order), args.batch_size):
+                if budget.done():
+                    break
+                if args.schedule == "cosine":
+                    for group in optimizer.param_groups:
+                        group["lr"] = args.lr * cosine_factor(budget.progress(), args.warmup)
+                index = order[start:start + args.batch_size]
+                loss, penalty = train_step(model, train_images[index], train_labels[index],
+                                           criterion, optimizer, args)
+                if args.schedule == "onecycle":
+                    schedule.step()
+                budget.steps += 1
+                seen += len(index)
+                total_loss += loss * len(index)
+                if penalty is not None:
+                    total_penalty += penalty * len(index)
+            if device.type == "cuda":  # the budget counts finished work
+                torch.cuda.synchronize()
+        if not seen:
+            break
+        epochs += seen / len(order)
+        last = epoch == args.epochs or budget.done()
+        message = (f"epoch {epoch:3d}/{args.epochs}  loss {total_loss.item() / seen:.4f}  "
+                   f"{budget.elapsed():.0f}s")
+        if seen < len(order):
+            message += f" ({seen} of {len(order)} images)"
         if args.curvature_penalty:
-            message += f"  hessian penalty {total_penalty.item() / len(order):.1f}"
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            message += f"  test acc {accuracy(predict(model, test_images), test_labels):.4f}"
+            message += f"  hessian penalty {total_penalty.item() / seen:.1f}"
+        if epoch % args.eval_every == 0 or last:
+            acc = accuracy(predict(model, test_images), test_labels)
+            message += f"  test acc {acc:.4f}"
+        else:
+            acc = None
         print(message, flush=True)
+        if last:
+            break
+    return epochs, budget.elapsed(), acc
 
 
 def fold_and_check(model, test_images, test_labels):
@@ -350,6 +488,23 @@ def save_weights(model, path, arch="vgg"):
     return os.path.getsize(path)
 
 
+def load_init(args, device):
+    """The ``--init`` weights in a model of ``--arch`` (the saved format)."""
+    model = ARCHITECTURES[args.arch]()
+    model.load_state_dict(torch.load(args.init, weights_only=True, map_location="cpu"))
+    return model.to(device)
+
+
+def evaluate(args, device):
+    """Print and return the test accuracy of the ``--init`` weights."""
+    images, labels = load_data(args, splits=("test",))["test"]
+    model = load_init(args, device)
+    acc = accuracy(predict(model, images.to(device)), labels.to(device))
+    print(f"test accuracy {acc:.4f} on {len(labels)} images ({args.arch}, {args.init})",
+          flush=True)
+    return acc
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads is not None:
@@ -357,32 +512,26 @@ def main(argv=None):
     started = time.perf_counter()
     seed_everything(args.seed)
     device = pick_device(args.device)
+    if args.evaluate:
+        return evaluate(args, device)
     data = load_data(args)
     print(f"train {len(data['train'][1])} images, test {len(data['test'][1])} images, "
           f"loaded in {time.perf_counter() - started:.1f}s", flush=True)
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels) in data.items()}
 
     if args.init is not None:  # the saved format: batch norm already folded for vgg
-        model = ARCHITECTURES[args.arch]()
-        model.load_state_dict(torch.load(args.init, weights_only=True, map_location="cpu"))
-        model = model.to(device)
+        model = load_init(args, device)
         acc = accuracy(predict(model, data["test"][0]), data["test"][1])
         print(f"initial test acc {acc:.4f} ({args.init})", flush=True)
-    elif args.arch == "vgg":
-        model = CifarVGG(batch_norm=True).to(device)
     else:
-        model = zero_init_residuals(CifarResNet()).to(device)
+        model = FRESH_MODELS[args.arch]().to(device)
     if args.curvature_penalty:
         value, count = held_out_penalty(model, *data["test"], args.curvature_beta, seed=args.seed)
         print(f"hessian penalty (softplus beta {args.curvature_beta:g}) on {count} test images "
               f"before training: {value:.1f}", flush=True)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_started = time.perf_counter()
-    train(model, data, args, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    train_seconds = time.perf_counter() - train_started
+    epochs, train_seconds, acc = train(model, data, args, device)
 
     if args.curvature_penalty:
         value, count = held_out_penalty(model, *data["test"], args.curvature_beta, seed=args.seed)
@@ -390,11 +539,11 @@ def main(argv=None):
               f"after training: {value:.1f}", flush=True)
     if args.arch == "vgg" and args.init is None:
         model, acc = fold_and_check(model, *data["test"])
-    else:
+    elif acc is None:  # no evaluation after the last step
         acc = accuracy(predict(model, data["test"][0]), data["test"][1])
     size = save_weights(model, args.out, args.arch)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"final test accuracy {acc:.4f} after {args.epochs} epochs; training {train_seconds:.1f}s, "
+    print(f"final test accuracy {acc:.4f} after {epochs:.2f} epochs; training {train_seconds:.1f}s, "
           f"total {time.perf_counter() - started:.1f}s on {device} ({device_name}); "
           f"saved {args.out} ({size / 1e6:.2f} MB)", flush=True)
 

@@ -8,8 +8,10 @@ from torch import nn
 from conftest import SHARED_DATA, requires_shared_data
 from manip_bench import ManipBenchError, models
 from manip_bench.data import load_batch
+from manip_bench.models.cifar_convnext import CifarConvNeXt
 from manip_bench.models.cifar_resnet import BasicBlock, CifarResNet
 from manip_bench.models.cifar_vgg import CIFAR10_MEAN, CifarVGG, Normalize
+from manip_bench.models.cifar_vit import CifarViT
 
 
 @pytest.fixture
@@ -35,8 +37,9 @@ def resnet18_state():
 
 
 def test_names_and_facts_need_no_download(offline):
-    assert models.available() == ["alexnet", "cifar_resnet", "cifar_vgg", "cifar_vgg_robust",
-                                  "densenet121", "resnet18", "vgg16"]
+    assert models.available() == ["alexnet", "cifar_convnext", "cifar_resnet", "cifar_vgg",
+                                  "cifar_vgg_robust", "cifar_vit", "densenet121", "resnet18",
+                                  "vgg16"]
     assert models.input_size("cifar_vgg") == 32 and models.input_size("vgg16") == 224
     assert models.class_names("cifar_vgg")[:2] == ["airplane", "automobile"]
     assert len(models.class_names("resnet18")) == 1000
@@ -52,7 +55,8 @@ def test_unknown_name_suggests_a_close_match():
         models.load("resnet19")
 
 
-@pytest.mark.parametrize("name, cls", [("cifar_vgg", CifarVGG), ("cifar_resnet", CifarResNet)])
+@pytest.mark.parametrize("name, cls", [("cifar_vgg", CifarVGG), ("cifar_resnet", CifarResNet),
+                                       ("cifar_convnext", CifarConvNeXt), ("cifar_vit", CifarViT)])
 def test_embedded_model_loads_package_data_with_weights_only(name, cls, monkeypatch):
     calls, real_load = [], torch.load
 
