@@ -142,14 +142,19 @@ def summary_table(summary):
     if len(models) > 1:
         table.add_column("model")
     table.add_column("n", justify="right")
+    table.add_column("manipu-\nlability", justify="right", overflow="fold")
     for header in TABLE_METRICS.values():
         table.add_column(header, justify="right", overflow="fold")
     table.add_column("class\nkept", justify="right")
     table.add_column("s /\nimage", justify="right", overflow="fold")
     for entry in summary:
+        similar = entry.get("already_similar")
         table.add_row(entry["label"], *([entry["model"]] if len(models) > 1 else []),
-                      str(entry["n"]), *(_spread(entry, key) for key in TABLE_METRICS),
+                      str(entry["n"]), _spread(entry, "manipulability")
+                      + (f"\n{similar} similar" if similar else ""),
+                      *(_spread(entry, key) for key in TABLE_METRICS),
                       _kept(entry), _fmt(entry["seconds"], 2))
+    table.caption = manipulability.describe()
     return table
 
 
