@@ -16,6 +16,7 @@ labelled image folder (``root/<class>/*``, CIFAR-10 class names). Everything is 
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from .. import data, defences, heatmaps, metrics, models
 from ..attributors import create
-from ..progress import reporter
+from ..progress import interactive, reporter
 from ..runtime import private_random_state
 from .grid import CONFIG_NAME, method_of, parse_model
 from .smooth import SMOOTHGRAD
@@ -90,6 +91,9 @@ def compute_costs(out, accuracy_data=None, device="cpu", steps=16, progress=None
     accuracy = {}
     if _labelled(accuracy_data):
         from ..models.train_cifar import load_image_folder
+        if progress is True or (progress is None and interactive()):
+            print(f"reading the labelled images of {accuracy_data} for the test accuracy ...",
+                  file=sys.stderr, flush=True)
         images, labels = load_image_folder(str(accuracy_data), None, 0, 2)
         specs = list(dict.fromkeys(raw.get("defence") for raw in config["methods"]))
         batches = math.ceil(len(labels) / ACCURACY_BATCH)
