@@ -141,4 +141,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from manip_bench.errors import command  # the CLI's handling: one line, exit 2
+    sys.exit(command(main))

@@ -12,7 +12,11 @@ in CPU time (other processes then barely move the numbers)::
     pytest benchmarks --bench-threads 1 --benchmark-timer time.process_time \
         --benchmark-json benchmarks/results/cpu-2core.json
 
-Smoke run (every step once, no timing): ``pytest benchmarks --benchmark-disable``.
+Smoke run (every benchmark once, untimed, on the 32x32 model at batch 1; about a minute
+and under 1 GB on one CPU thread, see docs/benchmarks.md)::
+
+    pytest benchmarks --bench-smoke
+
 Ratio table: ``python benchmarks/ratios.py benchmarks/results/*.json``.
 """
 import gc
@@ -44,6 +48,22 @@ def pytest_addoption(parser):
                     help="CPU threads (default: runtime.pick_threads)")
     group.addoption("--bench-full", action="store_true",
                     help="also run VGG-16 at batch 16 on CPU")
+    group.addoption("--bench-smoke", action="store_true",
+                    help="smoke run: every benchmark once, untimed (--benchmark-disable), "
+                         f"models {SMOKE['bench_models']}, batch {SMOKE['bench_batches']}, "
+                         f"{SMOKE['bench_threads']} thread")
+
+
+#: what --bench-smoke sets (it wins over the same options given on the command line)
+SMOKE = {"bench_models": "cifar_vgg", "bench_batches": "1", "bench_threads": 1}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads --benchmark-disable
+def pytest_configure(config):
+    if config.getoption("--bench-smoke", default=False):
+        config.option.benchmark_disable = True
+        for name, value in SMOKE.items():
+            setattr(config.option, name, value)
 
 
 def _list(config, name):

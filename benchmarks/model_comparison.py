@@ -10,6 +10,7 @@ compare the same pairs::
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 
@@ -55,4 +56,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from manip_bench.errors import command  # the CLI's handling: one line, exit 2
+    sys.exit(command(main))

@@ -13,6 +13,7 @@ Usage: ``python benchmarks/ratios.py benchmarks/results/cuda-h100.json [more.jso
 """
 import argparse
 import json
+import sys
 from collections import defaultdict
 
 
@@ -121,4 +122,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from manip_bench.errors import command  # the CLI's handling: one line, exit 2
+    sys.exit(command(main))

@@ -12,6 +12,7 @@ under ``--out``; the script then prints and writes the comparison table::
 Rerunning the same command resumes where it stopped.
 """
 import argparse
+import sys
 import math
 from pathlib import Path
 
@@ -110,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from manip_bench.errors import command  # the CLI's handling: one line, exit 2
+    sys.exit(command(main))

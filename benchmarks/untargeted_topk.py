@@ -9,6 +9,7 @@ the same run::
         --table docs/results/untargeted_topk.md
 """
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,4 +60,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from manip_bench.errors import command  # the CLI's handling: one line, exit 2
+    sys.exit(command(main))

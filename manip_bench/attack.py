@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from . import attributors, heatmaps, losses, metrics
+from . import attributors, heatmaps, image_size, losses, metrics
 from . import schedule as schedules
 from .defaults import DEFAULT_PRESET
 from .errors import ManipBenchError
@@ -32,6 +32,9 @@ from .threat import DEFAULT_BUDGET, Budget
 #: relevance, so ratios well below 1 are normal (0.0-0.4 on the bundled models); relevance
 #: multiplied at unsupported additions gives ratios of 10-500 (measured, issue 16).
 CONSERVATION_LIMIT = 5.0
+#: what shortens an attack, for the warning after a slow first iteration
+SHORTEN = ("fewer iterations shorten it (iterations=N in Python, --iterations N on the "
+           "command line)")
 
 #: The paper's learning rates are Adam steps in the normalised input space (std ~ 0.25);
 #: this engine steps in [0, 1] pixel space, where the same move is lr * 0.25.
@@ -305,6 +308,7 @@ class ManipulationAttack:
         self.explain.check_images(x)
         if x.min() < 0 or x.max() > 1:
             raise ManipBenchError("images must be in [0, 1] (the models normalise inside)")
+        image_size.check_fits(self.explain.model, x.detach())
         return x.detach()
 
     def _terms(self, output, relevance, reference):
@@ -399,7 +403,7 @@ class ManipulationAttack:
         c = self.config
         state = self.start(x, target_map)
         history = {"loss": [], "beta": [], **{loss.name: [] for loss in self.losses}}
-        with reporter(self.progress, self.name, c.iterations) as advance:
+        with reporter(self.progress, self.name, c.iterations, shorten=SHORTEN) as advance:
             try:
                 while state.step < c.iterations:
                     result = self.step(state)
@@ -428,8 +432,10 @@ class ManipulationAttack:
             per_sample["relevance_conservation"] = _conservation(
                 self.name, output_adv, relevance_adv, state.original_class)
         if reference.target_map is not None:
+            before = metrics.map_similarity(reference.heatmap, reference.target_map)["pcc"]
             per_sample = {**metrics.prefixed("expl_target", metrics.map_similarity(
-                adversarial_map, reference.target_map)), **per_sample}
+                adversarial_map, reference.target_map)), "expl_target_pcc_before": before,
+                **per_sample}
         return AttackResult(
             attributor=self.name, x=state.x, x_adv=best_x, target_map=reference.target_map,
             original_map=reference.heatmap, adversarial_map=adversarial_map,

@@ -1,20 +1,20 @@
 """``manip-bench``: a thin command line over the library (parse, call, print).
 
-The parser is built from :mod:`manip_bench.defaults` alone, so ``manip-bench --help`` and
-argument errors answer without loading torch; each command imports what it uses, and help
-text that lists registry names (losses, presets, attributor groups) is made when shown.
+The parser is built from :mod:`manip_bench.defaults` alone, so ``manip-bench --help``, every
+sub-command's ``--help`` and argument errors answer without loading torch; each command
+imports what it uses when it runs.
 """
 import argparse
 import functools
 import json
 import sys
-from pathlib import Path
 
 from . import __version__
-from .defaults import (BETAS, BUNDLED, CHECK_ITERATIONS, CURVATURE_TOL, DEFAULT_BUDGET,
-                       DEFAULT_MODEL, DEFAULT_PRESET, DEFENCE_BETAS, FINETUNED_MODEL,
-                       PATTERN_REGIMES, SMOOTHGRAD_STDEVS)
-from .errors import ManipBenchError
+from .defaults import (ATTRIBUTOR_GROUPS, BETAS, BUNDLED, CHECK_ITERATIONS, CIFAR10,
+                       CIFAR10_FOLDER, CURVATURE_TOL, DATA_ROOT_ENV, DEFAULT_BUDGET,
+                       DEFAULT_MODEL, DEFAULT_PRESET, DEFENCE_BETAS, EXPLANATION_LOSSES,
+                       FINETUNED_MODEL, PATTERN_REGIMES, PRESET_NAMES, SMOOTHGRAD_STDEVS)
+from .errors import ManipBenchError, command
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,12 +22,6 @@ def _console(stderr=False):
     """The rich console of standard output (or error), made on first use."""
     from rich.console import Console
     return Console(stderr=stderr)
-
-
-def _lazy(make):
-    """Help text made by ``make()`` only when it is shown (it may import the registries)."""
-    make.lazy_help = True
-    return make
 
 
 def _run_parser(sub):
@@ -60,25 +54,20 @@ def _where_arguments(p, devices="auto | cpu | cuda", threads="1 for small inputs
 
 def _attack_arguments(p):
     """Options of the attack itself, shared by run, bench and smooth."""
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=_lazy(_preset_help))
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=_PRESET_HELP)
     p.add_argument("--budget", help=f"threat model: 8/255 (L-inf), linf:8/255, l2:0.5 or none "
                                     f"(default: {DEFAULT_BUDGET} for auto, none for paper presets)")
     p.add_argument("--linf", help="shorthand for --budget linf:VALUE")
-    p.add_argument("--loss", help=_lazy(_loss_help))
+    p.add_argument("--loss", help=_LOSS_HELP)
     p.add_argument("--iterations", type=int, help="attack steps (default: the preset's)")
     p.add_argument("--lr", type=float, help="fixed Adam step in [0,1] pixel units (paper presets)")
 
 
-def _preset_help():
-    from .attack import PRESETS
-    return (f"auto (default: budget-tied self-tuning steps) | paper (the method's preset from "
-            f"the paper, no budget unless given) | {' | '.join(k for k in PRESETS if k != 'auto')}")
-
-
-def _loss_help():
-    from . import losses
-    return (f"what the attack does to the explanation: {' | '.join(losses.available(True))} "
-            f"(default target_map)")
+_PRESET_HELP = (f"auto (default: budget-tied self-tuning steps) | paper (the method's preset "
+                f"from the paper, no budget unless given) | "
+                f"{' | '.join(k for k in PRESET_NAMES if k != 'auto')}")
+_LOSS_HELP = (f"what the attack does to the explanation: {' | '.join(EXPLANATION_LOSSES)} "
+              f"(default target_map; plugins may add more)")
 
 
 def _defence(beta):
@@ -188,28 +177,20 @@ def cmd_list(args):
 
 
 def _grid_arguments(p, attributors_default, what):
-    def attributors_help():
-        from . import attributors
-        return (f"{what}: registry names and groups, comma-separated "
-                f"({', '.join(attributors.GROUPS)}; see `manip-bench list`)")
-
-    def pairs_help():
-        from . import data
-        return (f"{BUNDLED} | {data.CIFAR10} (CIFAR-10's test set, see --data-root) | a folder "
-                f"or ImageFolder tree of images | a CSV with columns original,target (the "
-                f"original is attacked toward the target's map)")
-
-    def data_root_help():
-        from . import data
-        return (f"for --pairs {data.CIFAR10}: the folder that holds torchvision's "
-                f"{data.CIFAR10_FOLDER}, downloaded there if absent (default: "
-                f"${data.DATA_ROOT_ENV}, else $XDG_CACHE_HOME/manip_bench, ~/.cache/manip_bench)")
-
-    p.add_argument("--attributors", default=attributors_default, help=_lazy(attributors_help))
+    p.add_argument("--attributors", default=attributors_default,
+                   help=f"{what}: registry names and groups, comma-separated "
+                        f"({', '.join(ATTRIBUTOR_GROUPS)}; see `manip-bench list`)")
     p.add_argument("--models", default=DEFAULT_MODEL,
                    help="zoo names, comma-separated; NAME:random or NAME:PATH for other weights")
-    p.add_argument("--pairs", default=BUNDLED, help=_lazy(pairs_help))
-    p.add_argument("--data-root", help=_lazy(data_root_help))
+    p.add_argument("--pairs", default=BUNDLED,
+                   help=f"{BUNDLED} | {CIFAR10} (CIFAR-10's test set, see --data-root) | a "
+                        f"folder or ImageFolder tree of images | a CSV with columns "
+                        f"original,target (the original is attacked toward the target's map)")
+    p.add_argument("--data-root",
+                   help=f"for --pairs {CIFAR10}: the folder that holds torchvision's "
+                        f"{CIFAR10_FOLDER}, downloaded there if absent (default: "
+                        f"${DATA_ROOT_ENV}, else $XDG_CACHE_HOME/manip_bench, "
+                        f"~/.cache/manip_bench)")
     p.add_argument("--n", type=int, default=20, help="number of pairs (default 20)")
     p.add_argument("--batch-size", type=int, default=10, help="pairs attacked together")
     _attack_arguments(p)
@@ -352,6 +333,7 @@ def _check_parser(sub):
 
 def cmd_check(args):
     from . import models, robustness, runtime
+    json_path = runtime.file_path(args.json, "--json") if args.json else None  # before the work
     device = runtime.pick_device(args.device)
     runtime.pick_threads(device, models.input_size(args.model), args.threads)
     report = robustness.check_folder(
@@ -359,8 +341,13 @@ def cmd_check(args):
         iterations=args.iterations, budget=args.budget, lr=args.lr, defence=_defence(args.beta),
         progress=True)
     _console().print(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report.to_dict(), indent=2))
+        except OSError as error:
+            raise ManipBenchError(f"--json {json_path}: cannot write the report "
+                                  f"({error.strerror or error})") from error
 
 
 def _patterns_parser(sub):
@@ -443,19 +430,9 @@ def cmd_geometry(args):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help that shows each option's default, where it has one, and makes lazy help text."""
-
-    @staticmethod
-    def _make_lazy_help(action):
-        if getattr(action.help, "lazy_help", False):
-            action.help = action.help()
-
-    def _format_action(self, action):
-        self._make_lazy_help(action)
-        return super()._format_action(action)
+    """Help that shows each option's default, where it has one."""
 
     def _get_help_string(self, action):
-        self._make_lazy_help(action)
         if action.default in (None, False, argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
@@ -471,7 +448,7 @@ def build_parser():
     parser = _Parser(
         prog="manip-bench",
         description="Manipulate image explanations (Dombrowski et al. 2019) and measure it.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_run_parser, _list_parser, _bench_parser, _report_parser, _smooth_parser,
                 _defend_parser, _check_parser, _patterns_parser, _geometry_parser):
@@ -480,18 +457,10 @@ def build_parser():
 
 
 def main(argv=None):
+    """Parse ``argv`` and run the command: 0 on success, 2 with one line for bad input
+    (:func:`manip_bench.errors.command`), 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except ManipBenchError as error:
-        from rich.markup import escape
-        _console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", highlight=False,
-                                    soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        _console(stderr=True).print("interrupted; nothing half-written was left behind")
-        return 130
-    return 0
+    return command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ DEFAULT_BUDGET = "linf:8/255"
 BUNDLED = "bundled"
 #: attack iterations of a robustness check (:mod:`manip_bench.robustness`)
 CHECK_ITERATIONS = 200
+#: target PCC before the attack at or above which an input's own map already agrees with
+#: its target: "already similar", not scored (:mod:`manip_bench.manipulability`)
+ALREADY_SIMILAR_PCC = 0.9
 #: softplus betas of the default sweeps, log-spaced (``manip-bench smooth`` and ``geometry``;
 #: ReLU, beta -> inf, is added where a sweep compares with it)
 BETAS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
@@ -29,3 +32,13 @@ SMOOTHGRAD_STDEVS = (0.005, 0.01, 0.02, 0.05)
 CURVATURE_TOL = 1e-6
 #: which estimate a layer's PatternAttribution pattern gets (:mod:`manip_bench.patterns`)
 PATTERN_REGIMES = ("relu", "positive", "negative", "linear")
+#: names the command line's help lists without importing torch; each equals its registry's
+#: built-in entries (tests/test_cli_help.py checks), plugins add to the registries
+PRESET_NAMES = ("auto", "gradient", "integrated_gradients", "lrp", "cifar10")
+EXPLANATION_LOSSES = ("center_of_mass", "target_map", "topk")
+ATTRIBUTOR_GROUPS = ("gradient", "lrp", "all")
+#: the ``--pairs`` value for CIFAR-10's test set, torchvision's folder of it, and the
+#: environment variable naming the folder that holds it (:mod:`manip_bench.data`)
+CIFAR10 = "cifar10"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+DATA_ROOT_ENV = "MANIP_BENCH_DATA"

@@ -3,7 +3,7 @@
 A loop (the attack engine's steps, say) reports through :func:`reporter`, which accepts
 
 * ``None``: automatic -- a rich bar when standard error is a terminal, silent otherwise
-  (so scripts, notebooks' logs, pytest and pipes stay quiet);
+  (so scripts, notebooks' logs, pipes and anything run by pytest stay quiet);
 * ``False``: silent; ``True``: always a rich bar;
 * a callable ``progress(step, total, stats)``, called after each step with the step
   number (1-based), the number of steps planned and a dict of the step's numbers
@@ -11,15 +11,30 @@ A loop (the attack engine's steps, say) reports through :func:`reporter`, which 
 * a running ``rich.progress.Progress`` (anything with ``add_task``/``update``/
   ``remove_task``): a task is added to it for the loop and removed after.
 
-rich is imported only when a bar is actually drawn.
+rich is imported only when a bar is actually drawn. Whatever the display, the time of the
+first step is used to warn (:class:`LongRunWarning`) when the whole loop will take more than
+:data:`LONG_RUN_SECONDS`, naming what shortens it.
 """
 import contextlib
 import math
+import os
 import sys
+import time
+import warnings
+
+#: a loop whose first step predicts a longer run than this gets a warning
+LONG_RUN_SECONDS = 180.0
+
+
+class LongRunWarning(UserWarning):
+    """The first step of a loop predicts a run of several minutes."""
 
 
 def interactive(stream=None):
-    """Whether ``stream`` (default: standard error) is a terminal."""
+    """Whether ``stream`` (default: standard error) is a terminal a person watches
+    (not while pytest runs a test)."""
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        return False
     stream = sys.stderr if stream is None else stream
     try:
         return bool(stream.isatty())
@@ -40,12 +55,43 @@ def _is_progress_display(progress):
     return all(hasattr(progress, name) for name in ("add_task", "update", "remove_task"))
 
 
+def _estimate(seconds):
+    """``about 12 minutes`` / ``about 40 s``."""
+    return f"about {seconds / 60:.0f} minutes" if seconds >= 120 else f"about {seconds:.0f} s"
+
+
 @contextlib.contextmanager
-def reporter(progress, name, total, **fields):
+def reporter(progress, name, total, shorten=None, **fields):
     """Yield ``advance(**stats)``, to be called once per step; see the module docstring.
 
-    ``fields`` are the stats' starting values for a bar (default ``loss=nan``).
+    ``shorten`` says what makes the loop shorter (``"fewer iterations shorten it"``), for the warning
+    after a slow first step; ``fields`` are the stats' starting values for a bar (default
+    ``loss=nan``).
     """
+    start = time.perf_counter()
+    steps = 0
+    with _display(progress, name, total, fields) as show:
+        def advance(**stats):
+            nonlocal steps
+            steps += 1
+            if steps == 1:
+                _warn_if_long(name, time.perf_counter() - start, total, shorten)
+            show(**stats)
+        yield advance
+
+
+def _warn_if_long(name, first, total, shorten):
+    expected = first * total
+    if total and expected > LONG_RUN_SECONDS:
+        hint = f"; {shorten}" if shorten else ""
+        warnings.warn(f"{name}: the first of {total} steps took {first:.1f} s, so this run "
+                      f"will take {_estimate(expected)}{hint}", LongRunWarning,
+                      stacklevel=4)
+
+
+@contextlib.contextmanager
+def _display(progress, name, total, fields):
+    """Yield ``show(**stats)`` for one step on the display ``progress`` chose."""
     fields = fields or {"loss": math.nan}
     if progress is None:
         progress = interactive()

@@ -83,12 +83,48 @@ def default_out_dir(root="manip-out"):
     return path
 
 
+def _file_above(path):
+    """The nearest existing path at or above ``path`` if it is a file, else None."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
+def folder_path(path, option="--out"):
+    """``path`` as a ``Path`` that can be (or is) a folder: refused with a one-line error
+    naming ``option`` when it, or a folder above it, is a file."""
+    from .errors import ManipBenchError  # a leaf, as in pick_device
+    path = Path(path)
+    file = _file_above(path)
+    if file is not None:
+        where = "is a file" if file == path else f"is inside {file}, which is a file"
+        raise ManipBenchError(f"{option} {path} {where}, not a folder; give a folder path "
+                              f"(new or empty)")
+    return path
+
+
+def file_path(path, option):
+    """``path`` as a ``Path`` a file can be written to (its folder is created when written);
+    refused with a one-line error naming ``option`` when it is a folder or lies under a file."""
+    from .errors import ManipBenchError
+    path = Path(path)
+    if path.is_dir():
+        raise ManipBenchError(f"{option} {path} is a folder; give a file name")
+    file = _file_above(path.parent)
+    if file is not None:
+        raise ManipBenchError(f"{option} {path} is inside {file}, which is a file; give a "
+                              f"path in a folder")
+    return path
+
+
 def fresh_out_dir(out=None, root="manip-out"):
-    """``out`` as a path, refused if it exists and is not empty; None: a new folder under ``root``."""
+    """``out`` as a path, refused if it exists and is not empty (or is a file); None: a new
+    folder under ``root``."""
     from .errors import ManipBenchError  # a leaf, as in pick_device
     if out is None:
         return default_out_dir(root)
-    out = Path(out)
+    out = folder_path(out)
     if out.exists() and any(out.iterdir()):
         raise ManipBenchError(f"output folder {out} exists and is not empty; choose another --out")
     return out

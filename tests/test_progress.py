@@ -114,3 +114,75 @@ def test_the_attack_calls_its_progress_callback_once_per_iteration():
     result = attack(x, attack.target_maps(x_target))
     assert [(step, total) for step, total, _ in seen] == [(1, 3), (2, 3), (3, 3)]
     assert [stats["loss"] for _, _, stats in seen] == pytest.approx(result.history["loss"])
+
+
+# --- progress where a person waits (issue 29) ---------------------------------------------------
+
+_CHECK_IN_A_TERMINAL = """
+import torch
+from torch import nn
+from manip_bench import check_robustness
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 8 * 8, 3)).eval()
+report = check_robustness("captum.saliency", torch.rand(2, 3, 8, 8), model=model, iterations=40)
+print("score", report.score)
+"""
+
+
+def _run_in_a_pseudo_terminal(code):
+    """Output (stdout and stderr on one pseudo-terminal) of ``python -c code``, not under pytest."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    leader, follower = pty.openpty()
+    env = {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="120", TERM="xterm",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower,
+                             stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert child.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_check_robustness_shows_a_bar_in_a_terminal():
+    shown = _run_in_a_pseudo_terminal(_CHECK_IN_A_TERMINAL)
+    assert "captum.saliency" in shown and "40/40" in shown and "━" in shown, shown
+    assert "score" in shown
+
+
+def test_check_robustness_prints_nothing_under_pytest(capfd):
+    torch.manual_seed(0)
+    model = PlainCNN().eval()
+    from manip_bench import check_robustness
+    check_robustness("captum.saliency", torch.rand(2, 3, 16, 16), model=model, iterations=3)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_a_slow_first_step_warns_with_what_shortens_the_run(monkeypatch):
+    import warnings
+    torch.manual_seed(0)
+    model = PlainCNN().eval()
+    x, x_target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    attack = ManipulationAttack(model, "captum.saliency", iterations=3, progress=False)
+    target = attack.target_maps(x_target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quick run: no warning
+        attack(x, target)
+    monkeypatch.setattr(progress, "LONG_RUN_SECONDS", 1e-6)
+    with pytest.warns(progress.LongRunWarning, match=r"first of 3 steps took .* --iterations N"):
+        attack(x, target)

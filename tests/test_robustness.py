@@ -14,7 +14,8 @@ from zennit.types import Linear
 
 from manip_bench import (ManipBenchError, ManipulationRobustness, check_robustness, data, heatmaps,
                          models)
-from manip_bench.robustness import check_folder, manipulability, recognise
+from manip_bench import manipulability
+from manip_bench.robustness import check_folder, recognise
 
 TARGET = torch.tensor([0, 3, 1])
 
@@ -258,9 +259,58 @@ def test_registry_name_targets_and_given_map(plain_cnn, images):
         check_robustness("zennit.epsilon", images, model=plain_cnn, defence="softplus")
 
 
-def test_score_definition():
-    assert manipulability([0.9, -0.2, 1.3, 0.8, float("nan")], [True, True, True, False, True]) == \
-        [0.9, 0.0, 1.0, 0.0, 0.0]
+def test_score_is_the_gain_over_what_was_left_to_gain():
+    nan = float("nan")
+    metrics = {"expl_target_pcc_before": [0.2, 0.5, 0.1, 0.3, 0.95, nan, 0.4],
+               "expl_target_pcc": [0.6, 0.4, 0.9, 0.8, 0.99, 0.5, nan],
+               "class_kept": [True, True, True, False, True, True, True]}
+    scores = manipulability.per_sample(metrics)
+    # (0.6-0.2)/0.8; moved away: 0; (0.9-0.1)/0.9; class flipped: 0; already similar: NaN;
+    # undefined before (constant map) counts 0; undefined after: 0
+    assert scores[:4] + scores[5:] == pytest.approx([0.5, 0.0, 0.8 / 0.9, 0.0, 0.5, 0.0])
+    assert np.isnan(scores[4])
+    assert manipulability.already_similar(metrics) == [False] * 4 + [True] + [False] * 2
+    assert manipulability.median(scores) == pytest.approx(0.25)
+    assert np.isnan(manipulability.median([nan, nan]))
+    # untargeted: 1 - top-k intersection, 0 where the class flipped
+    assert manipulability.per_sample({"expl_original_topk": [0.25, 0.0], "class_kept":
+                                      [True, False]}) == [0.75, 0.0]
+    # rows written before the raw "before" value was recorded cannot be scored
+    assert all(np.isnan(manipulability.per_sample({"expl_target_pcc": [0.9],
+                                                   "class_kept": [True]})))
+
+
+def test_maps_that_agree_before_the_attack_are_not_called_manipulable(plain_cnn, images):
+    """The default target of input i is the map of input i + 1: two copies of one image
+    have the same map, so an attack that moves nothing would reach PCC 1."""
+    twins = torch.stack([images[0], images[0]])
+    report = check_robustness(captum_attr.Saliency(plain_cnn), twins, iterations=3)
+    assert report.per_sample["target_pcc_before"] == pytest.approx([1.0, 1.0])
+    assert report.per_sample["already_similar"] == [True, True]
+    assert np.isnan(report.score) and all(np.isnan(report.per_sample["manipulability"]))
+    text = " ".join(str(report).split())
+    assert "manipulability not measured" in text and "similar" in text
+    assert "manipulability 0." not in text and "manipulability 1." not in text
+    # twins beside a different image: input 0's target is its twin's map, the others differ
+    mixed = torch.stack([images[0], images[0], images[1]])
+    report = check_robustness("captum.saliency", mixed, model=plain_cnn, iterations=3)
+    assert report.per_sample["already_similar"] == [True, False, False]
+    assert "(1 of 3 inputs already similar, not counted)" in " ".join(str(report).split())
+    assert report.score == pytest.approx(np.median(report.per_sample["manipulability"][1:]))
+
+
+def test_score_follows_the_formula_where_the_attack_moves_the_map():
+    model = models.load("cifar_vgg")
+    x = torch.stack([data.load_image(name, 32) for name in ("chelsea", "coffee", "rocket")])
+    report = check_robustness(captum_attr.Saliency(model), x, iterations=40)
+    before = np.array(report.per_sample["target_pcc_before"])
+    after = np.array(report.per_sample["target_pcc"])
+    assert (after - before > 0.2).all(), (before, after)  # the attack moved every map
+    assert all(report.per_sample["class_kept"]) and not any(report.per_sample["already_similar"])
+    expected = np.clip((after - before) / (1 - before), 0, 1)
+    assert report.per_sample["manipulability"] == pytest.approx(expected.tolist())
+    assert report.score == pytest.approx(float(np.median(expected)))
+    assert report.to_dict()["per_sample"]["target_pcc_before"] == pytest.approx(before.tolist())
 
 
 def test_quantus_style_metric(plain_cnn, images):

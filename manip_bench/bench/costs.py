@@ -16,6 +16,7 @@ labelled image folder (``root/<class>/*``, CIFAR-10 class names). Everything is 
 """
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from .. import data, defences, heatmaps, metrics, models
 from ..attributors import create
-from ..progress import reporter
+from ..progress import interactive, reporter
 from ..runtime import private_random_state
 from .grid import CONFIG_NAME, method_of, parse_model
 from .smooth import SMOOTHGRAD
@@ -44,8 +45,12 @@ def _heatmap(name, model, options, x, target, seed):
     return heatmaps.heatmap(relevance.detach())
 
 
-def _accuracy(model, images, labels, batch_size=500):
-    """Accuracy on uint8 ``images`` (N, 3, H, W) with class indices ``labels``."""
+ACCURACY_BATCH = 500
+
+
+def _accuracy(model, images, labels, advance, batch_size=ACCURACY_BATCH):
+    """Accuracy on uint8 ``images`` (N, 3, H, W) with class indices ``labels``;
+    ``advance(accuracy=...)`` after every batch, with the accuracy so far."""
     from ..models.train_cifar import to_float
     device = next(model.parameters()).device
     correct = 0
@@ -53,6 +58,7 @@ def _accuracy(model, images, labels, batch_size=500):
         for start in range(0, len(labels), batch_size):
             batch = to_float(images[start:start + batch_size]).to(device)
             correct += (model(batch).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
+            advance(accuracy=correct / min(start + batch_size, len(labels)))
     return correct / len(labels)
 
 
@@ -85,10 +91,17 @@ def compute_costs(out, accuracy_data=None, device="cpu", steps=16, progress=None
     accuracy = {}
     if _labelled(accuracy_data):
         from ..models.train_cifar import load_image_folder
+        if progress is True or (progress is None and interactive()):
+            print(f"reading the labelled images of {accuracy_data} for the test accuracy ...",
+                  file=sys.stderr, flush=True)
         images, labels = load_image_folder(str(accuracy_data), None, 0, 2)
         specs = list(dict.fromkeys(raw.get("defence") for raw in config["methods"]))
-        accuracy = {str(spec): _accuracy(defences.apply(spec, net), images, labels)
-                    for spec in specs}
+        batches = math.ceil(len(labels) / ACCURACY_BATCH)
+        with reporter(progress, f"test accuracy ({len(labels)} images)", len(specs) * batches,
+                      shorten="a smaller --accuracy-data folder shortens it",
+                      accuracy=math.nan) as advance:
+            accuracy = {str(spec): _accuracy(defences.apply(spec, net), images, labels, advance)
+                        for spec in specs}
     return {"grid": config, "accuracy_data": str(accuracy_data) if accuracy else None,
             "steps": steps, "methods": entries, "random_deletion_gap": _median(random_gap),
             "accuracy": accuracy}

@@ -23,7 +23,7 @@ from ..attack import ManipulationAttack, make_config
 from ..defaults import BUNDLED  # ``pairs`` value for pairs drawn from the bundled photos
 from ..errors import ManipBenchError
 from ..runtime import default_out_dir as runtime_out_dir
-from ..runtime import pick_device, pick_threads, private_random_state, versions
+from ..runtime import folder_path, pick_device, pick_threads, private_random_state, versions
 from ..threat import Budget
 from .results import ResultsWriter, read_results, results_name, row_key
 
@@ -315,7 +315,7 @@ def stored_config(out, grid):
     A folder that holds a different grid, a damaged config, or files but no
     ``config.json`` is refused with a message that says what to do.
     """
-    out = Path(out)
+    out = folder_path(out)
     path = out / CONFIG_NAME
     if path.exists():
         try:

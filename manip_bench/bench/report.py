@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import defences
+from .. import defences, manipulability
 from ..errors import ManipBenchError
 from ..threat import Budget, format_value
 from .grid import CONFIG_NAME, file_slug, load_examples, method_of
@@ -80,6 +80,11 @@ def summarize(rows):
                  "seconds": float(np.median([row["seconds"] for row in group])),
                  "explain_seconds": float(np.median([row.get("explain_seconds", math.nan)
                                                       for row in group]))}
+        scores = np.array(manipulability.per_sample(manipulability.columns(group)))
+        entry["manipulability_median"], entry["manipulability_p10"], \
+            entry["manipulability_p90"] = _stats(scores)
+        entry["already_similar"] = int(sum(manipulability.already_similar(
+            manipulability.columns(group))))
         keys = list(dict.fromkeys(key for row in group for key in row["metrics"]))
         for key in keys:
             values = _values(group, key)
@@ -137,14 +142,19 @@ def summary_table(summary):
     if len(models) > 1:
         table.add_column("model")
     table.add_column("n", justify="right")
+    table.add_column("manipu-\nlability", justify="right", overflow="fold")
     for header in TABLE_METRICS.values():
         table.add_column(header, justify="right", overflow="fold")
     table.add_column("class\nkept", justify="right")
     table.add_column("s /\nimage", justify="right", overflow="fold")
     for entry in summary:
+        similar = entry.get("already_similar")
         table.add_row(entry["label"], *([entry["model"]] if len(models) > 1 else []),
-                      str(entry["n"]), *(_spread(entry, key) for key in TABLE_METRICS),
+                      str(entry["n"]), _spread(entry, "manipulability")
+                      + (f"\n{similar} similar" if similar else ""),
+                      *(_spread(entry, key) for key in TABLE_METRICS),
                       _kept(entry), _fmt(entry["seconds"], 2))
+    table.caption = manipulability.describe()
     return table
 
 
@@ -229,15 +239,14 @@ def _example_key(example):
 # ---- manipulability curves (several budgets) ---------------------------------------------------
 
 
-#: the curve's metric: median target PCC (targeted attacks) or 1 - top-k intersection
-CURVE_METRICS = ("expl_target_pcc", "expl_original_topk")
-
-
 def curves(rows):
     """``{(model, method label): [(eps, entry)]}`` for methods attacked under several budgets.
 
-    Only bounded budgets of one norm form a curve; ``entry`` holds ``eps``, ``n`` and the
-    curve metric's median / 10th / 90th percentile (clipped to [0, 1]; class flips count 0).
+    Only bounded budgets of one norm form a curve; ``entry`` holds ``eps``, ``n``, the
+    median / 10th / 90th percentile of the per-pair manipulability
+    (:mod:`manip_bench.manipulability`: gain in target PCC over what was left to gain, class
+    flips 0, already similar pairs left out), how many pairs were ``already_similar``, and
+    the median target PCC before and after the attack (``pcc_before``, ``pcc_after``).
     """
     series = OrderedDict()
     for group in group_cells(rows).values():
@@ -253,13 +262,17 @@ def curves(rows):
 
 def _curve_point(group, eps):
     """One budget's point: the manipulability per pair, summarised."""
-    targeted = CURVE_METRICS[0] in group[0]["metrics"]
-    values = _values(group, CURVE_METRICS[0]) if targeted else 1 - _values(group, CURVE_METRICS[1])
-    kept = _values(group, "class_kept")
-    values = np.where(kept > 0, np.clip(np.nan_to_num(values, nan=0.0), 0, 1), 0.0)
-    median, p10, p90 = _stats(values)
-    return {"eps": eps, "n": len(group), "metric": "target PCC" if targeted else "1 - top-k",
-            "median": median, "p10": p10, "p90": p90}
+    columns = manipulability.columns(group)
+    targeted = manipulability.targeted(columns)
+    median, p10, p90 = _stats(np.array(manipulability.per_sample(columns), dtype=float))
+    point = {"eps": eps, "n": len(group),
+             "metric": "manipulability" if targeted else "1 - top-k",
+             "median": median, "p10": p10, "p90": p90,
+             "already_similar": int(sum(manipulability.already_similar(columns)))}
+    if targeted:
+        point["pcc_before"] = _stats(_values(group, manipulability.BEFORE))[0]
+        point["pcc_after"] = _stats(_values(group, manipulability.AFTER))[0]
+    return point
 
 
 def manipulability_score(points):
@@ -272,7 +285,9 @@ def manipulability_score(points):
 def curve_entries(series):
     """Flat rows for ``curves.csv``: model, method, budget, metric, median, percentiles, score."""
     return [{"model": model, "method": method, "budget": format_value(p["eps"]),
-             "eps": p["eps"], **{k: p[k] for k in ("n", "metric", "median", "p10", "p90")},
+             "eps": p["eps"], **{k: p.get(k) for k in ("n", "metric", "median", "p10", "p90",
+                                                       "already_similar", "pcc_before",
+                                                       "pcc_after")},
              "score": manipulability_score(points)}
             for (model, method), points in series.items() for p in points]
 

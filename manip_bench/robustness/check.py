@@ -10,13 +10,12 @@ Nothing of the user's is changed: the model is copied (by the attributors), the 
 object and the composite are only read, and the random number generators of torch and
 NumPy are restored afterwards (also on an interrupt).
 """
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import attributors, data, defences, heatmaps, metrics, models
+from .. import attributors, data, defences, heatmaps, image_size, manipulability, models
 from ..attack import ManipulationAttack
 from ..defaults import CHECK_ITERATIONS as DEFAULT_ITERATIONS  # attack iterations
 from ..errors import ManipBenchError
@@ -28,12 +27,6 @@ from .report import RobustnessReport
 #: default L-inf budget in pixel units (images in [0, 1])
 DEFAULT_LINF = 8 / 255
 _UNSET = object()
-
-
-def manipulability(target_pcc, class_kept):
-    """Per-sample ``s_i = clip(PCC_i, 0, 1)`` if the class is kept, else 0 (NaN PCC: 0)."""
-    return [min(max(p, 0.0), 1.0) if kept and not math.isnan(p) else 0.0
-            for p, kept in zip(target_pcc, class_kept)]
 
 
 def _images(inputs, device):
@@ -71,7 +64,7 @@ def _device(model):
 
 def check_robustness(explainer, inputs, target=None, *, model=None, target_map=None,
                      iterations=DEFAULT_ITERATIONS, budget=DEFAULT_BUDGET, linf=_UNSET, lr=None,
-                     defence=None, seed=0, progress=False, **attribute_kwargs):
+                     defence=None, seed=0, progress=None, **attribute_kwargs):
     """Attack the explanations of ``inputs`` and report how far they can be manipulated.
 
     Parameters
@@ -109,8 +102,11 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
         model, any method), reported in ``report.smoothed``: what the defence buys.
     seed : int or None
         Seeds torch and NumPy inside the check (the caller's random state is restored).
-    progress : bool
-        Show progress bars.
+    progress : None, bool or callable
+        ``None`` (default): a progress bar with an ETA when standard error is a terminal,
+        nothing when piped or under pytest; ``False``: never; see
+        :func:`manip_bench.progress.reporter`. A warning says when the first iteration
+        predicts a run of several minutes.
     **attribute_kwargs
         The arguments the user passes to Captum's ``attribute()`` (``abs=``, ``n_steps=``,
         ``method=``, ``baselines=`` (zero only), ``nt_type=`` ('smoothgrad' only),
@@ -138,6 +134,7 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
                           **({"schedule": "adam", "lr": lr} if lr is not None else {}))
     with private_random_state(seed, device):
         explain = method.create()
+        image_size.check_fits(explain.model, x)  # a wrong size: one clear error, no attack
         with torch.no_grad():
             predicted = explain.model(x).argmax(1)
         classes = _classes(target, x.shape[0], device)
@@ -211,25 +208,24 @@ def _assess(explain, method, x, keep, target_map, options, progress, seed, skipp
         sources = ["given"] * len(keep)
     result = attack(x, targets)
     m = result.metrics
-    before = metrics.map_similarity(result.original_map, result.target_map)["pcc"]
     per_sample = {
         "input": list(keep), "target": sources, "class": result.original_class.tolist(),
-        "target_pcc_before": before, "target_pcc": m["expl_target_pcc"],
+        "target_pcc_before": m["expl_target_pcc_before"], "target_pcc": m["expl_target_pcc"],
         "target_ssim": m["expl_target_ssim"], "original_pcc": m["expl_original_pcc"],
         "original_ssim": m["expl_original_ssim"], "input_linf": m["input_linf"],
         "input_ssim": m["input_ssim"], "output_mse": m["output_mse"],
         "prob_before": m["prob_before"], "prob_after": m["prob_after"],
         "class_kept": m["class_kept"],
     }
-    per_sample["manipulability"] = manipulability(m["expl_target_pcc"], m["class_kept"])
+    per_sample["already_similar"] = manipulability.already_similar(m)
+    per_sample["manipulability"] = manipulability.per_sample(m)
     return RobustnessReport(
         method=method.name, source=method.source, options=method.options,
         defence=defences.spec_of(defence), budget={"iterations": result.iterations,
                                                  **result.describe()},
         seed=seed, per_sample=per_sample,
-        score=float(np.median(per_sample["manipulability"])), skipped=dict(skipped),
+        score=manipulability.median(per_sample["manipulability"]), skipped=dict(skipped),
         seconds=result.seconds, result=result)
 
 
-__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "check_folder",
-           "check_robustness", "manipulability"]
+__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_LINF", "check_folder", "check_robustness"]

@@ -35,8 +35,9 @@ class ManipulationRobustness:
         metric = ManipulationRobustness(iterations=200, budget="8/255")
         scores = metric(model, x_batch, y_batch, explain_func=Saliency)   # list of floats
 
-    Each score is ``s_i`` of :func:`check_robustness` (NaN for an input whose prediction
-    is not ``y_batch[i]``). ``a_batch`` is accepted and ignored: the attack needs its own,
+    Each score is ``s_i`` of :func:`check_robustness` (:mod:`manip_bench.manipulability`;
+    NaN for an input whose prediction is not ``y_batch[i]``, or whose own map already
+    matches its target). ``a_batch`` is accepted and ignored: the attack needs its own,
     differentiable maps. The method comes from ``explain_func`` -- a Captum attribution
     class or object, a Zennit composite, a registry name, or ``quantus.explain`` with
     ``explain_func_kwargs={"method": "Saliency", ...}`` (Saliency, Gradient, InputXGradient,

@@ -2,7 +2,8 @@
 import dataclasses
 import io
 
-from .. import defences, metrics
+from .. import defences, manipulability, metrics
+from ..defaults import ALREADY_SIMILAR_PCC
 from ..threat import Budget
 from .recognise import _plain
 
@@ -18,7 +19,7 @@ _COLUMNS = (
     ("input_ssim", "input\nSSIM", "{:.3f}".format),
     ("class_kept", "class\nkept", lambda v: f"{v:.0%}" if isinstance(v, float) else
      ("yes" if v else "no")),
-    ("manipulability", "s_i", "{:.2f}".format),
+    ("manipulability", "s_i", lambda v: "similar" if v != v else f"{v:.2f}"),
 )
 #: the beta-smoothed table adds whether the smoothed model predicts the original model's class
 _AGREES = ("same_class_as_unsmoothed", "same\nclass\nas\nReLU",
@@ -53,9 +54,28 @@ class RobustnessReport:
     names: list = None
 
     def summary(self):
-        """Median of each numeric per-sample value (``class_kept``: the fraction kept)."""
-        keys = [k for k in self.per_sample if k not in ("input", "target", "class")]
-        return metrics.summarize({k: self.per_sample[k] for k in keys})
+        """Median of each numeric per-sample value (``class_kept``, ``already_similar``: the
+        fraction true); ``manipulability`` is the score (already similar inputs left out)."""
+        keys = [k for k in self.per_sample if k not in ("input", "target", "class",
+                                                          "manipulability")]
+        summary = metrics.summarize({k: self.per_sample[k] for k in keys})
+        summary["manipulability"] = self.score
+        return summary
+
+    @property
+    def already_similar(self):
+        """How many inputs were already similar to their target (not scored)."""
+        return sum(self.per_sample.get("already_similar", ()))
+
+    def headline(self):
+        """``manipulability 0.85`` with what the score leaves out, or why there is none."""
+        n, similar = len(self.per_sample["input"]), self.already_similar
+        if similar == n:
+            return (f"manipulability not measured: the map of every input already matched its "
+                    f"target (target PCC before >= {ALREADY_SIMILAR_PCC:g}); give target maps "
+                    f"that differ from the inputs' own maps")
+        left_out = f" ({similar} of {n} inputs already similar, not counted)" if similar else ""
+        return f"manipulability {self.score:.2f}{left_out}"
 
     def to_dict(self):
         """Everything as JSON-friendly plain data (no tensors)."""
@@ -80,7 +100,7 @@ class RobustnessReport:
         method = (self.source if self.source.startswith(self.method)
                   else f"{self.source} → {self.method}({options})")
         headline = Text.assemble((f"{method}{beta}: ", "bold"),
-                                 (f"manipulability {self.score:.2f}", "bold magenta"))
+                                 (self.headline(), "bold magenta"))
         columns = _COLUMNS + ((_AGREES,) if _AGREES[0] in self.per_sample else ())
         table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False)
         for _, header, _ in columns:
@@ -115,9 +135,9 @@ class RobustnessReport:
                          f"{self.smoothed.agreement:.0%} of the inputs (column 'same class as "
                          f"ReLU'; 'class kept' is the smoothed model keeping its own prediction "
                          f"under attack)")
-        parts.append(Text("s_i: target PCC after the attack, clipped to [0, 1], 0 where the "
-                          "class flipped; manipulability: median s_i (0 robust, 1 fully "
-                          "manipulable)", style="dim"))
+        parts.append(Text(f"{manipulability.describe()}; manipulability: median s_i (0: the "
+                          f"maps did not move toward the targets, 1: they match them)",
+                          style="dim"))
         return Group(*parts)
 
     def __str__(self):

@@ -104,14 +104,19 @@ def test_manipulability_score_is_the_normalised_area_over_log_budget():
     flat = [{"eps": e / 255, "median": 0.5} for e in (1, 2, 8, 16)]
     assert manipulability_score(flat) == pytest.approx(0.5)
 
-    def row(eps, pair, pcc, kept=True):
+    def row(eps, pair, before, pcc, kept=True):
         return {"attributor": "captum.saliency", "model": "m", "pair": pair, "defence": None,
                 "options": {}, "budget": {"norm": "linf", "eps": eps},
-                "metrics": {"expl_target_pcc": pcc, "class_kept": kept}}
+                "metrics": {"expl_target_pcc_before": before, "expl_target_pcc": pcc,
+                            "class_kept": kept}}
 
-    rows = [row(1 / 255, 0, 0.3), row(1 / 255, 1, -0.2), row(4 / 255, 0, 0.9),
-            row(4 / 255, 1, 0.95, kept=False)]
+    rows = [row(1 / 255, 0, 0.2, 0.6), row(1 / 255, 1, 0.1, -0.2), row(1 / 255, 2, 0.95, 0.97),
+            row(4 / 255, 0, 0.2, 0.9), row(4 / 255, 1, 0.1, 0.95, kept=False),
+            row(4 / 255, 2, 0.95, 0.99)]
     (key, series), = curves(rows).items()
     assert key == ("m", "captum.saliency (linf)")
-    # negative PCC clips to 0, a flipped class counts 0: medians 0.15 and 0.45
-    assert [p["median"] for p in series] == pytest.approx([0.15, 0.45])
+    # gains (0.6-0.2)/0.8 = 0.5 and 0 (moved away) at 1/255, (0.9-0.2)/0.8 = 0.875 and 0
+    # (class flipped) at 4/255; pair 2 is already similar (0.95 >= 0.9) and left out
+    assert [p["median"] for p in series] == pytest.approx([0.25, 0.4375])
+    assert [p["already_similar"] for p in series] == [1, 1]
+    assert [p["pcc_before"] for p in series] == pytest.approx([0.2, 0.2])
