@@ -44,6 +44,13 @@ CAPTUM_CASES = {
         lambda m: captum_attr.LayerGradientXActivation(m, m.features[3]), {},
         "captum.layer_gradient_x_activation",
         {"layer": "features.3", "interpolate_mode": "nearest"}),
+    "layer_integrated_gradients": (
+        lambda m: captum_attr.LayerIntegratedGradients(m, m.features[3]),
+        {"n_steps": 6, "method": "riemann_trapezoid", "baselines": 0,
+         "interpolate_mode": "bilinear"},
+        "captum.layer_integrated_gradients",
+        {"layer": "features.3", "interpolate_mode": "bilinear", "steps": 6,
+         "method": "riemann_trapezoid"}),
 }
 
 

@@ -7,7 +7,7 @@ is computed with ``create_graph=True``, so a loss on the map can be differentiat
 method). The adapters reproduce two stock libraries, one small class per method:
 
 - Captum's layer methods (``LayerGradCam``, ``GuidedGradCam``,
-  ``LayerGradientXActivation``): their layer-resolution map, upsampled as Captum's
+  ``LayerGradientXActivation``, ``LayerIntegratedGradients``): their layer-resolution map, upsampled as Captum's
   ``LayerAttribution.interpolate`` does (``F.interpolate``, ``"nearest"`` by default);
 - pytorch-grad-cam (``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``HiResCAM``,
   ``LayerCAM``, ``ScoreCAM``, ``EigenCAM``): its numpy/OpenCV post-processing
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import _compat
 from ..errors import ManipBenchError
 from .base import Attributor, input_with_grad, one_hot, rule_active
 
@@ -61,6 +62,16 @@ def layer_names(model, layer):
             raise ManipBenchError(f"a layer must be a module or a dotted name, got "
                                   f"{type(item).__name__}")
     return names
+
+
+@contextlib.contextmanager
+def _replaced_output(module, replacement):
+    """Make ``module`` return ``replacement`` instead of its output while the block runs."""
+    handle = module.register_forward_hook(lambda m, args, output: replacement)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
@@ -262,6 +273,54 @@ class LayerGradientXActivation(CaptumLayerAttributor):
         return gradient * activation
 
 
+class LayerIntegratedGradients(CaptumLayerAttributor):
+    """Captum's ``LayerIntegratedGradients`` from a zero-image baseline, graph kept.
+
+    The layer's activation is integrated along the straight line from its value at the
+    black image to its value at ``x`` (``steps`` points of Captum's ``method``), the
+    network after the layer fed with each point, as Captum does; ``steps`` forward passes
+    per explanation.
+    """
+
+    name, rule = "captum.layer_integrated_gradients", "layer integrated gradients"
+    uses_gradient = False  # its gradients are taken at the path's points, below
+    preset = "integrated_gradients"
+
+    def __init__(self, model, layer=None, steps=50, method="gausslegendre",
+                 interpolate_mode="nearest"):
+        super().__init__(model, layer, interpolate_mode)
+        try:
+            step_sizes, alphas = _compat.approximation_parameters(method)
+            self.step_sizes, self.alphas = step_sizes(steps), alphas(steps)
+        except (ValueError, AssertionError) as error:
+            raise ManipBenchError(f"{self.name}: cannot integrate with method={method!r} and "
+                                  f"steps={steps!r} ({error or 'Captum needs steps > 1'})") from error
+
+    def layer_map(self, activation, gradient):
+        return gradient * activation  # gradient: the path integral, activation: the difference
+
+    def relevance(self, x, target, output, acts, grads):
+        layer = self.model.get_submodule(self.layer_names[0])
+        with _recorded({"layer": layer}) as calls, torch.no_grad():
+            self.model(torch.zeros_like(x))
+        base = calls[0][1]
+        difference = acts[0] - base
+        steps = len(self.alphas)
+        path = torch.cat([base + alpha * difference for alpha in self.alphas])
+        with torch.enable_grad():
+            with _replaced_output(layer, path):
+                path_output = self.model(x.repeat(steps, *[1] * (x.dim() - 1)))
+            score = (path_output * one_hot(target.repeat(steps), path_output)).sum()
+            (gradient,) = torch.autograd.grad(score, path, create_graph=True)
+        # Captum rounds the step sizes to float32 before weighting the gradients
+        weights = torch.tensor(self.step_sizes).float().to(device=x.device, dtype=x.dtype)
+        integral = (gradient.view(steps, *difference.shape)
+                    * weights.view(-1, *[1] * difference.dim())).sum(0)
+        low = self.layer_map(difference, integral)
+        self.low_resolution = low.detach()
+        return self.upsample(low, x.shape[2:])
+
+
 # --- pytorch-grad-cam ---------------------------------------------------------------------
 
 class GradCamAttributor(CamAttributor):
@@ -432,5 +491,5 @@ class EigenCAM(GradCamAttributor):
         return output.detach(), relevance.detach()
 
 
-CLASSES = (LayerGradCam, GuidedGradCam, LayerGradientXActivation, GradCAM, GradCAMPlusPlus,
-           XGradCAM, HiResCAM, LayerCAM, ScoreCAM, EigenCAM)
+CLASSES = (LayerGradCam, GuidedGradCam, LayerGradientXActivation, LayerIntegratedGradients,
+           GradCAM, GradCAMPlusPlus, XGradCAM, HiResCAM, LayerCAM, ScoreCAM, EigenCAM)

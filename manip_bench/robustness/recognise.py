@@ -24,6 +24,7 @@ from captum.attr import (
     IntegratedGradients,
     LayerGradCam,
     LayerGradientXActivation,
+    LayerIntegratedGradients,
     NoiseTunnel,
     Saliency,
 )
@@ -40,7 +41,8 @@ from ..errors import ManipBenchError
 
 SUPPORTED_CAPTUM = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
                     "NoiseTunnel(Saliency) with nt_type='smoothgrad'", "GradientShap", "LRP",
-                    "LayerGradCam", "GuidedGradCam", "LayerGradientXActivation")
+                    "LayerGradCam", "GuidedGradCam", "LayerGradientXActivation",
+                    "LayerIntegratedGradients")
 #: pytorch-grad-cam class name -> registry name (EigenCAM is recognised, then refused)
 GRAD_CAM = {"GradCAM": "gradcam.gradcam", "GradCAMPlusPlus": "gradcam.gradcam_plus_plus",
             "XGradCAM": "gradcam.xgradcam", "HiResCAM": "gradcam.hirescam",
@@ -221,6 +223,9 @@ def _lrp_epsilon(model):
 def _layer_options(explainer, args):
     """The layer (by name) and the upsampling of a Captum layer method."""
     args.refuse("attribute_to_layer_input", (False,), "the CAM is taken of the layer's output")
+    if isinstance(explainer.layer, (list, tuple)):
+        raise ManipBenchError(f"{type(explainer).__name__}: one layer is supported, got "
+                              f"{len(explainer.layer)}")
     layer = layer_names(explainer.forward_func, explainer.layer)[0]
     # not an attribute() argument: the mode of the user's LayerAttribution.interpolate
     return {"layer": layer, "interpolate_mode": args.take("interpolate_mode", "nearest")}
@@ -247,6 +252,18 @@ def _layer_gradient_x_activation(explainer, args):
     return "captum.layer_gradient_x_activation", _layer_options(explainer, args)
 
 
+def _layer_integrated_gradients(explainer, args):
+    method = "LayerIntegratedGradients"
+    _multiplies(explainer, method)
+    _zero_baseline(args, method)
+    _no_delta(args, method)
+    args.refuse("grad_kwargs", (None,), "the adapter takes the plain gradient")
+    args.take("internal_batch_size", None, show=False)  # only splits the work into chunks
+    return "captum.layer_integrated_gradients", dict(
+        _layer_options(explainer, args), steps=int(args.take("n_steps", 50)),
+        method=args.take("method", "gausslegendre"))
+
+
 #: exact Captum class -> reader of its attribute() arguments
 _CAPTUM = {
     Saliency: _saliency, InputXGradient: _input_x_gradient,
@@ -255,6 +272,7 @@ _CAPTUM = {
     Deconvolution: _deconvolution, DeepLift: _deeplift, LRP: _lrp,
     LayerGradCam: _layer_gradcam, GuidedGradCam: _guided_gradcam,
     LayerGradientXActivation: _layer_gradient_x_activation,
+    LayerIntegratedGradients: _layer_integrated_gradients,
 }
 
 

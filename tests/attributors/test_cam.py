@@ -46,7 +46,8 @@ def stock_captum(name, model, layer, x, target, mode):
         return captum_attr.GuidedGradCam(model, layer).attribute(x, target=target,
                                                                  interpolate_mode=mode)
     method = {"captum.layer_gradcam": captum_attr.LayerGradCam,
-              "captum.layer_gradient_x_activation": captum_attr.LayerGradientXActivation}[name]
+              "captum.layer_gradient_x_activation": captum_attr.LayerGradientXActivation,
+              "captum.layer_integrated_gradients": captum_attr.LayerIntegratedGradients}[name]
     low = method(model, layer).attribute(x, target=target)
     return captum_attr.LayerAttribution.interpolate(low, x.shape[2:], mode), low
 
@@ -58,7 +59,7 @@ def assert_matches_stock(model, layer, x, target):
         reference = stock_grad_cam(name, model, [layer], x, target)
         assert relative_error(ours[:, 0].detach(), reference) <= 1e-5, name
     for name in ("captum.layer_gradcam", "captum.layer_gradient_x_activation",
-                 "captum.guided_gradcam"):
+                 "captum.layer_integrated_gradients", "captum.guided_gradcam"):
         for mode in ("nearest", "bilinear"):
             explain = attributors.create(name, model, layer=layer, interpolate_mode=mode)
             ours = explain(x, target)[1].detach()
