@@ -7,8 +7,8 @@ is computed with ``create_graph=True``, so a loss on the map can be differentiat
 method). The adapters reproduce two stock libraries, one small class per method:
 
 - Captum's layer methods (``LayerGradCam``, ``GuidedGradCam``,
-  ``LayerGradientXActivation``, ``LayerIntegratedGradients``): their layer-resolution map, upsampled as Captum's
-  ``LayerAttribution.interpolate`` does (``F.interpolate``, ``"nearest"`` by default);
+  ``LayerGradientXActivation``, ``LayerIntegratedGradients``): their layer-resolution map,
+  upsampled as Captum's ``LayerAttribution.interpolate`` does (``F.interpolate``, ``"nearest"`` by default);
 - pytorch-grad-cam (``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``HiResCAM``,
   ``LayerCAM``, ``ScoreCAM``, ``EigenCAM``): its numpy/OpenCV post-processing
   (ReLU, min-max scaling per image, ``cv2.resize`` bilinear, mean over target layers,
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _compat
 from ..errors import ManipBenchError
 from .base import Attributor, input_with_grad, one_hot, rule_active
+from .captum import integration_points
 
 #: pytorch-grad-cam's constants: min-max scaling, GradCAM++ and XGradCAM denominators,
 #: ScoreCAM's mask scaling
@@ -289,12 +289,7 @@ class LayerIntegratedGradients(CaptumLayerAttributor):
     def __init__(self, model, layer=None, steps=50, method="gausslegendre",
                  interpolate_mode="nearest"):
         super().__init__(model, layer, interpolate_mode)
-        try:
-            step_sizes, alphas = _compat.approximation_parameters(method)
-            self.step_sizes, self.alphas = step_sizes(steps), alphas(steps)
-        except (ValueError, AssertionError) as error:
-            raise ManipBenchError(f"{self.name}: cannot integrate with method={method!r} and "
-                                  f"steps={steps!r} ({error or 'Captum needs steps > 1'})") from error
+        self.step_sizes, self.alphas = integration_points(self.name, method, steps)
 
     def layer_map(self, activation, gradient):
         return gradient * activation  # gradient: the path integral, activation: the difference

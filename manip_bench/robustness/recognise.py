@@ -413,8 +413,6 @@ def _is_grad_cam(explainer):
 
 def _from_grad_cam(cam, model, kwargs):
     """A pytorch-grad-cam object (``GradCAM(model=model, target_layers=[layer])``)."""
-    import pytorch_grad_cam  # noqa: F401 - only reached with one of its objects
-
     method = type(cam).__name__
     if type(cam).__module__.split(".")[0] != "pytorch_grad_cam" or method not in GRAD_CAM:
         raise ManipBenchError(f"pytorch_grad_cam {method} is not supported (subclasses may "

@@ -52,14 +52,24 @@ def stock_captum(name, model, layer, x, target, mode):
     return captum_attr.LayerAttribution.interpolate(low, x.shape[2:], mode), low
 
 
+#: Captum layer methods compared with Captum in assert_matches_stock
+CAPTUM_LAYER = ("captum.layer_gradcam", "captum.layer_gradient_x_activation",
+                "captum.layer_integrated_gradients", "captum.guided_gradcam")
+
+
+def test_every_cam_name_has_a_reference():
+    cams = {name for name in attributors.available()
+            if issubclass(attributors.get_class(name), cam.CamAttributor)}
+    assert cams == set(GRAD_CAM) | set(CAPTUM_LAYER)
+
+
 def assert_matches_stock(model, layer, x, target):
     for name in GRAD_CAM:
         ours = attributors.create(name, model, layer=layer)(x, target)[1]
         assert ours.shape == (x.shape[0], 1, *x.shape[2:])
         reference = stock_grad_cam(name, model, [layer], x, target)
         assert relative_error(ours[:, 0].detach(), reference) <= 1e-5, name
-    for name in ("captum.layer_gradcam", "captum.layer_gradient_x_activation",
-                 "captum.layer_integrated_gradients", "captum.guided_gradcam"):
+    for name in CAPTUM_LAYER:
         for mode in ("nearest", "bilinear"):
             explain = attributors.create(name, model, layer=layer, interpolate_mode=mode)
             ours = explain(x, target)[1].detach()
@@ -209,7 +219,8 @@ def test_vit_map_with_reshape_transform_equals_pytorch_grad_cam(name):
 
 def test_token_layer_without_reshape_transform_is_refused():
     model = tiny_vit()
-    explain = attributors.create("gradcam.gradcam", model, layer="encoder.layers.encoder_layer_1.ln_1")
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    explain = attributors.create("gradcam.gradcam", model, layer=layer)
     with pytest.raises(ManipBenchError, match="reshape_transform"):
         explain(torch.rand(1, 3, 32, 32, dtype=torch.float64), 0)
 
