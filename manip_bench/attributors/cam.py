@@ -235,7 +235,7 @@ class LayerGradCam(CaptumLayerAttributor):
     ``relu_attributions``: as Captum's (default False: the signed map).
     """
 
-    name, rule = "captum.layer_gradcam", "Grad-CAM (Captum LayerGradCam)"
+    name, rule = "captum.layer_gradcam", "Grad-CAM"
 
     def __init__(self, model, layer=None, relu_attributions=False, interpolate_mode="nearest"):
         super().__init__(model, layer, interpolate_mode)
@@ -250,7 +250,7 @@ class LayerGradCam(CaptumLayerAttributor):
 class GuidedGradCam(LayerGradCam):
     """Captum's ``GuidedGradCam``: guided backprop times the upsampled ReLU'd Grad-CAM."""
 
-    name, rule = "captum.guided_gradcam", "guided Grad-CAM (Captum GuidedGradCam)"
+    name, rule = "captum.guided_gradcam", "guided Grad-CAM"
 
     def __init__(self, model, layer=None, interpolate_mode="nearest"):
         super().__init__(model, layer, True, interpolate_mode)
