@@ -7,7 +7,7 @@ import inspect
 
 from .. import plugins
 from ..errors import ManipBenchError, unknown_name
-from . import captum, pattern, transformer_lrp, zennit
+from . import cam, captum, pattern, transformer_lrp, zennit
 from .base import Attributor, SmoothReLU, conservation_gap, prepare_model, total_relevance
 
 _CLASSES = (
@@ -15,18 +15,22 @@ _CLASSES = (
     captum.GradientShap, captum.GuidedBackprop, captum.Deconvolution, captum.DeepLift,
     zennit.CaptumLRP, zennit.EpsilonLRP, zennit.EpsilonPlusFlatLRP, zennit.EpsilonPlusLRP,
     zennit.Alpha2Beta1LRP, zennit.EpsilonGammaBoxLRP, zennit.GammaPerBlockLRP, zennit.PaperLRP,
-    pattern.PatternAttribution, transformer_lrp.AttnLRP, transformer_lrp.CPLRP,
+    pattern.PatternAttribution, transformer_lrp.AttnLRP, transformer_lrp.CPLRP, *cam.CLASSES,
 )
 REGISTRY = {cls.name: cls for cls in _CLASSES}
 
 #: named groups of registry names, for grids and the CLI
+#: (ScoreCAM, one forward pass per channel, is left out of the groups: too slow for grids)
+_GROUPED = {n: c for n, c in REGISTRY.items() if c.in_default_groups}
 GROUPS = {
-    "gradient": [n for n, c in REGISTRY.items() if c.needs_softplus and c.attackable],
-    "lrp": [n for n, c in REGISTRY.items() if issubclass(c, zennit.ZennitAttributor)],
+    "gradient": [n for n, c in _GROUPED.items() if c.needs_softplus and c.attackable
+                 and not issubclass(c, cam.CamAttributor)],
+    "lrp": [n for n, c in _GROUPED.items() if issubclass(c, zennit.ZennitAttributor)],
+    "cam": [n for n, c in _GROUPED.items() if issubclass(c, cam.CamAttributor) and c.attackable],
     # methods that explain one architecture only (``cls.architecture``), not in "all"
-    "transformer": [n for n, c in REGISTRY.items() if c.architecture],
+    "transformer": [n for n, c in _GROUPED.items() if c.architecture],
 }
-GROUPS["all"] = sorted(n for n, c in REGISTRY.items() if c.attackable and not c.architecture)
+GROUPS["all"] = sorted(n for n, c in _GROUPED.items() if c.attackable and not c.architecture)
 
 
 def register(cls):

@@ -179,6 +179,8 @@ class Attributor:
     preset = "gradient"
     #: the one architecture a method explains (e.g. "vision transformer"); None: any
     architecture = None
+    #: member of the registry's groups ("all", "gradient", ...) that grids run by default
+    in_default_groups = True
 
     def __init__(self, model):
         self.model = prepare_model(model, self.swap_relu)

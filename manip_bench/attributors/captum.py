@@ -135,6 +135,17 @@ class SampleChunking:
         return chunk if chunk is not None and rows > chunk else None
 
 
+def integration_points(owner, method, steps):
+    """Captum's ``(step_sizes, alphas)`` for ``method`` with ``steps`` points (clear error)."""
+    try:
+        step_sizes, alphas = _compat.approximation_parameters(method)
+        return step_sizes(steps), alphas(steps)
+    except (ValueError, AssertionError) as error:
+        reason = error or "Captum needs steps > 1"
+        raise ManipBenchError(f"{owner}: cannot integrate with method={method!r} and "
+                              f"steps={steps!r} ({reason})") from error
+
+
 class IntegratedGradients(SampleChunking, CaptumAttributor):
     """Integrated gradients from a zero baseline (``steps`` points, the paper uses 30).
 
@@ -149,13 +160,7 @@ class IntegratedGradients(SampleChunking, CaptumAttributor):
                  internal_batch_size=AUTO):
         super().__init__(model, n_steps=steps, method=method)
         self._set_chunking(internal_batch_size)
-        try:
-            step_sizes, alphas = _compat.approximation_parameters(method)
-            self.step_sizes, self.alphas = step_sizes(steps), alphas(steps)
-        except (ValueError, AssertionError) as error:
-            reason = error or "Captum needs steps > 1"
-            raise ManipBenchError(f"{self.name}: cannot integrate with method={method!r} and "
-                                  f"steps={steps!r} ({reason})") from error
+        self.step_sizes, self.alphas = integration_points(self.name, method, steps)
 
     def attribute(self, x, target):
         chunk = self.chunked(x, len(self.alphas) * x.shape[0])

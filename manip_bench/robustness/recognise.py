@@ -1,9 +1,11 @@
-"""Recognise the user's explanation method: a Captum object, a Zennit composite or a registry name.
+"""Recognise the user's explanation method: a Captum object, a Zennit composite, a
+pytorch-grad-cam object or a registry name.
 
 :func:`recognise` maps what the user already explains with onto a registry attributor name
 plus options (:class:`RecognisedMethod`), reading the settings from the Captum object's
-``attribute()`` arguments or from the composite's rules, and refusing by name what has no
-matching differentiable adapter. The Captum object and the composite are only read.
+``attribute()`` arguments, from the composite's rules or from the CAM object's target layers,
+and refusing by name what has no matching differentiable adapter. The user's objects are
+only read; pytorch-grad-cam is imported only when one of its objects is passed.
 """
 import dataclasses
 import types
@@ -17,8 +19,12 @@ from captum.attr import (
     GradientAttribution,
     GradientShap,
     GuidedBackprop,
+    GuidedGradCam,
     InputXGradient,
     IntegratedGradients,
+    LayerGradCam,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
     NoiseTunnel,
     Saliency,
 )
@@ -30,10 +36,19 @@ from zennit import core as zennit_core
 from zennit import rules as zennit_rules
 
 from .. import _compat, attributors, defences
+from ..attributors.cam import layer_names
 from ..errors import ManipBenchError
 
 SUPPORTED_CAPTUM = ("Saliency", "InputXGradient", "IntegratedGradients", "GuidedBackprop",
-                    "NoiseTunnel(Saliency) with nt_type='smoothgrad'", "GradientShap", "LRP")
+                    "NoiseTunnel(Saliency) with nt_type='smoothgrad'", "GradientShap", "LRP",
+                    "LayerGradCam", "GuidedGradCam", "LayerGradientXActivation",
+                    "LayerIntegratedGradients")
+#: pytorch-grad-cam class name -> registry name (EigenCAM is recognised, then refused)
+GRAD_CAM = {"GradCAM": "gradcam.gradcam", "GradCAMPlusPlus": "gradcam.gradcam_plus_plus",
+            "XGradCAM": "gradcam.xgradcam", "HiResCAM": "gradcam.hirescam",
+            "LayerCAM": "gradcam.layercam", "ScoreCAM": "gradcam.scorecam",
+            "EigenCAM": "gradcam.eigencam"}
+SUPPORTED_GRAD_CAM = tuple(GRAD_CAM)
 SUPPORTED_ZENNIT = ("EpsilonPlusFlat", "EpsilonPlus", "EpsilonAlpha2Beta1", "EpsilonGammaBox")
 
 
@@ -205,12 +220,59 @@ def _lrp_epsilon(model):
     return float(epsilons.pop()) if epsilons else default
 
 
+def _layer_options(explainer, args):
+    """The layer (by name) and the upsampling of a Captum layer method."""
+    args.refuse("attribute_to_layer_input", (False,), "the CAM is taken of the layer's output")
+    if isinstance(explainer.layer, (list, tuple)):
+        raise ManipBenchError(f"{type(explainer).__name__}: one layer is supported, got "
+                              f"{len(explainer.layer)}")
+    layer = layer_names(explainer.forward_func, explainer.layer)[0]
+    # not an attribute() argument: the mode of the user's LayerAttribution.interpolate
+    return {"layer": layer, "interpolate_mode": args.take("interpolate_mode", "nearest")}
+
+
+def _layer_gradcam(explainer, args):
+    options = _layer_options(explainer, args)
+    args.refuse("attr_dim_summation", (True,), "the adapter sums over channels, as the default")
+    args.refuse("grad_kwargs", (None,), "the adapter takes the plain gradient")
+    return "captum.layer_gradcam", dict(
+        options, relu_attributions=bool(args.take("relu_attributions", False)))
+
+
+def _guided_gradcam(explainer, args):
+    layer = explainer.grad_cam.layer
+    args.refuse("attribute_to_layer_input", (False,), "the CAM is taken of the layer's output")
+    return "captum.guided_gradcam", {
+        "layer": layer_names(explainer.forward_func, layer)[0],
+        "interpolate_mode": args.take("interpolate_mode", "nearest")}
+
+
+def _layer_gradient_x_activation(explainer, args):
+    _multiplies(explainer, "LayerGradientXActivation")
+    return "captum.layer_gradient_x_activation", _layer_options(explainer, args)
+
+
+def _layer_integrated_gradients(explainer, args):
+    method = "LayerIntegratedGradients"
+    _multiplies(explainer, method)
+    _zero_baseline(args, method)
+    _no_delta(args, method)
+    args.refuse("grad_kwargs", (None,), "the adapter takes the plain gradient")
+    args.take("internal_batch_size", None, show=False)  # only splits the work into chunks
+    return "captum.layer_integrated_gradients", dict(
+        _layer_options(explainer, args), steps=int(args.take("n_steps", 50)),
+        method=args.take("method", "gausslegendre"))
+
+
 #: exact Captum class -> reader of its attribute() arguments
 _CAPTUM = {
     Saliency: _saliency, InputXGradient: _input_x_gradient,
     IntegratedGradients: _integrated_gradients, NoiseTunnel: _noise_tunnel,
     GradientShap: _gradient_shap, GuidedBackprop: _guided_backprop,
     Deconvolution: _deconvolution, DeepLift: _deeplift, LRP: _lrp,
+    LayerGradCam: _layer_gradcam, GuidedGradCam: _guided_gradcam,
+    LayerGradientXActivation: _layer_gradient_x_activation,
+    LayerIntegratedGradients: _layer_integrated_gradients,
 }
 
 
@@ -344,20 +406,62 @@ def _canonizers(canonizers, model, method):
         raise ManipBenchError(f"{method}: cannot copy its canonizers ({error})") from error
 
 
+def _is_grad_cam(explainer):
+    return any(cls.__module__.split(".")[0] == "pytorch_grad_cam"
+               for cls in type(explainer).__mro__)
+
+
+def _from_grad_cam(cam, model, kwargs):
+    """A pytorch-grad-cam object (``GradCAM(model=model, target_layers=[layer])``)."""
+    method = type(cam).__name__
+    if type(cam).__module__.split(".")[0] != "pytorch_grad_cam" or method not in GRAD_CAM:
+        raise ManipBenchError(f"pytorch_grad_cam {method} is not supported (subclasses may "
+                              f"change the map). Supported: {', '.join(SUPPORTED_GRAD_CAM)}")
+    if model is not None and model is not cam.model:
+        raise ManipBenchError(f"{method}: model= differs from the CAM object's model; leave "
+                              f"model out (the object's own model is used)")
+    args = _Arguments(method, kwargs)
+    targets = args.take("targets", None, show=False)
+    if targets is not None:
+        raise ManipBenchError(
+            f"{method}: pass the classes of targets= as check_robustness(..., target=[c, ...]) "
+            f"(the classes of your ClassifierOutputTarget(c)); the check explains the predicted "
+            f"class, as {method} does with targets=None")
+    args.refuse("aug_smooth", (False,), "test-time augmentation has no differentiable adapter")
+    args.refuse("eigen_smooth", (False,), "the SVD projection's sign is not differentiable")
+    args.done()
+    layers = layer_names(cam.model, cam.target_layers)
+    options = {"layer": layers if len(layers) > 1 else layers[0]}
+    if cam.reshape_transform is not None:
+        options["reshape_transform"] = cam.reshape_transform
+    if method == "ScoreCAM" and hasattr(cam, "batch_size"):
+        options["batch_size"] = int(cam.batch_size)
+    shown = f"target_layers={layers!r}" + (
+        ", reshape_transform=..." if cam.reshape_transform is not None else "")
+    return RecognisedMethod(GRAD_CAM[method], options, cam.model,
+                            f"pytorch_grad_cam.{method}({shown})")
+
+
 def recognise(explainer, model=None, **attribute_kwargs):
     """Map what the user explains with onto a registry attributor.
 
     Parameters
     ----------
-    explainer : captum Attribution, zennit Composite or str
+    explainer : captum Attribution, zennit Composite, pytorch-grad-cam CAM or str
         A Captum attribution object (its ``forward_func`` must be an ``nn.Module``), a
-        built-in Zennit composite, or a registry name (:func:`manip_bench.attributors.available`).
+        built-in Zennit composite, a pytorch-grad-cam object (``GradCAM(model=model,
+        target_layers=[layer])``, its ``reshape_transform`` kept), or a registry name
+        (:func:`manip_bench.attributors.available`).
     model : torch.nn.Module, optional
         Needed with a composite or a registry name; with a Captum object its own model is used.
     **attribute_kwargs
         Captum: the arguments the user passes to ``attribute()`` (``abs``, ``n_steps``,
         ``method``, ``baselines`` (zero only), ``nt_type`` ('smoothgrad' only), ``nt_samples``,
-        ``stdevs``, ``n_samples`` ...), with Captum's defaults when left out. Registry name:
+        ``stdevs``, ``n_samples`` ...), with Captum's defaults when left out; for Captum's
+        layer methods also ``interpolate_mode`` (how the user upsamples the layer map with
+        ``LayerAttribution.interpolate``, default ``"nearest"``). pytorch-grad-cam:
+        ``aug_smooth``/``eigen_smooth`` (False only); ``targets`` is refused with a hint
+        to pass ``target=``. Registry name:
         the attributor's options (:func:`manip_bench.attributors.options`).
 
     Returns
@@ -368,6 +472,8 @@ def recognise(explainer, model=None, **attribute_kwargs):
         return _from_captum(explainer, model, attribute_kwargs)
     if isinstance(explainer, zennit_core.Composite):
         return _from_zennit(explainer, model, attribute_kwargs)
+    if _is_grad_cam(explainer):
+        return _from_grad_cam(explainer, model, attribute_kwargs)
     if isinstance(explainer, str):
         attributors.get_class(explainer)
         if model is None:
@@ -386,7 +492,8 @@ def recognise(explainer, model=None, **attribute_kwargs):
     raise ManipBenchError(
         f"cannot recognise {type(explainer).__name__!r} as an explanation method. Pass a Captum "
         f"object ({', '.join(SUPPORTED_CAPTUM)}), a Zennit composite "
-        f"({', '.join(SUPPORTED_ZENNIT)}) with model=, or a registry name with model=")
+        f"({', '.join(SUPPORTED_ZENNIT)}) with model=, a pytorch-grad-cam object "
+        f"({', '.join(SUPPORTED_GRAD_CAM)}), or a registry name with model=")
 
 
 def _plain(value):
@@ -400,4 +507,5 @@ def _plain(value):
     return type(value).__name__
 
 
-__all__ = ["SUPPORTED_CAPTUM", "SUPPORTED_ZENNIT", "RecognisedMethod", "recognise"]
+__all__ = ["GRAD_CAM", "SUPPORTED_CAPTUM", "SUPPORTED_GRAD_CAM", "SUPPORTED_ZENNIT",
+           "RecognisedMethod", "recognise"]

@@ -14,8 +14,14 @@ ATTACKABLE = [name for name in attributors.available()
               and not getattr(attributors.get_class(name), "architecture", None)]
 
 
+#: CAMs: on tiny_net's last spatial map Grad-CAM is negative everywhere for these targets
+#: (a zero map after its ReLU), so they take the first convolution's map
+OPTIONS = {"captum.integrated_gradients": {"steps": 5},
+           **{name: {"layer": "0"} for name in attributors.GROUPS["cam"]}}
+
+
 def relevance_fn(name):
-    options = {"steps": 5} if name == "captum.integrated_gradients" else {}
+    options = OPTIONS.get(name, {})
     model = tiny_net()
     if attributors.get_class(name).needs_softplus:  # ReLU: zero second derivative
         model = defences.beta_smooth(model, 5.0)
