@@ -9,23 +9,31 @@
 A schedule is made fresh for every attack run (it holds that run's state). The engine
 calls :meth:`update` once per iteration and :meth:`checkpoint` after it.
 """
-import math
-
 import torch
 
 from .errors import ManipBenchError
 
-#: where APGD checks for progress, as fractions of the run (Croce & Hein 2020, sec. 3.2)
-APGD_CHECKPOINTS = (0.22, 0.41, 0.55, 0.65, 0.73, 0.79, 0.84, 0.88, 0.91, 0.94)
+def checkpoints(iterations):
+    """APGD's checkpoint iterations (1-based) for a run of ``iterations``.
 
+    The rule of Croce & Hein (2020), as AutoAttack's ``autopgd_base.py`` computes it: the
+    first window is 22 % of the run; each following window is 3 % of the run shorter than
+    the previous one, but never shorter than 6 % (every length truncated to an integer, at
+    least 1). A checkpoint ends each window that fits in the run.
 
-def checkpoints(iterations, min_gap=5):
-    """APGD's checkpoint iterations for a run of ``iterations``, at least ``min_gap`` apart."""
-    chosen = []
-    for fraction in APGD_CHECKPOINTS:
-        step = math.ceil(fraction * iterations)
-        if step - (chosen[-1] if chosen else 0) >= min_gap:
-            chosen.append(step)
+    Examples
+    --------
+    >>> checkpoints(100)
+    [22, 41, 57, 70, 80, 87, 93, 99]
+    """
+    window = max(int(0.22 * iterations), 1)
+    shrink = max(int(0.03 * iterations), 1)
+    shortest = max(int(0.06 * iterations), 1)
+    chosen, step = [], window
+    while step <= iterations:
+        chosen.append(step)
+        window = max(window - shrink, shortest)
+        step += window
     return chosen
 
 
@@ -171,5 +179,5 @@ def create(name, lr=None, initial_step=None):
     raise ManipBenchError(f"unknown schedule {name!r}; use {' or '.join(SCHEDULES)}")
 
 
-__all__ = ["APGD_CHECKPOINTS", "AdamSchedule", "BudgetSchedule", "SCHEDULES", "checkpoints",
+__all__ = ["AdamSchedule", "BudgetSchedule", "SCHEDULES", "checkpoints",
            "create"]

@@ -50,6 +50,19 @@ def images():
     return torch.rand(3, 3, 16, 16)
 
 
+@pytest.fixture(scope="session")
+def trained_pair():
+    """The embedded, trained ``cifar_vgg``, two bundled photos and the two whose maps are their
+    targets (helpers.PAIR_IMAGES, helpers.PAIR_TARGETS), all 32 x 32."""
+    from helpers import PAIR_IMAGES, PAIR_TARGETS
+    from manip_bench import data, models
+
+    def load(names):
+        return torch.stack([data.load_image(name, 32) for name in names])
+
+    return models.load("cifar_vgg"), load(PAIR_IMAGES), load(PAIR_TARGETS)
+
+
 def requires_shared_data(*parts):
     """Skip marker for tests that need the offline data folder."""
     path = SHARED_DATA.joinpath(*parts)

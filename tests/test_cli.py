@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
-from manip_bench import cli
+from helpers import assert_cli_error
+from manip_bench import ManipulationAttack, cli, data, metrics, models
 from manip_bench.experiment import CONTRACT_METRICS
 
 
@@ -27,6 +29,28 @@ def test_run_writes_a_valid_result(tmp_path):
     assert result["budget"] == {"norm": "linf", "eps": 8 / 255}
     assert result["schedule"]["name"] == "auto" and result["preset"] == "auto"
     assert [loss["name"] for loss in result["losses"]] == ["target_map", "output"]
+    assert_saved_image_reproduces_the_record(out, result)
+
+
+def assert_saved_image_reproduces_the_record(out, record):
+    """``manipulated.pt`` reloaded: in the budget around the run's image, and explaining it
+    again gives the class and the target PCC that result.json reports."""
+    x_adv = torch.load(out / "manipulated.pt", weights_only=True)
+    x = data.load_image(record["image"], 32)[None]
+    assert x_adv.shape == x.shape and x_adv.dtype == torch.float32
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    linf = (x_adv - x).abs().max().item()
+    assert 0 < linf <= 8 / 255 + 1e-6
+    assert linf == pytest.approx(record["metrics"]["input_linf"], abs=1e-6)
+    attack = ManipulationAttack(models.load(record["model"]), record["attributor"])
+    target_map = attack.target_maps(data.load_image(record["target_image"], 32)[None])
+    original_class = attack.evaluate(x)[0].argmax(1)
+    output, _, adversarial_map = attack.evaluate(x_adv, original_class)
+    classes = models.class_names(record["model"])
+    assert classes[original_class.item()] == record["original_class"]
+    assert (output.argmax(1) == original_class).item() == record["metrics"]["class_kept"]
+    pcc = metrics.map_similarity(adversarial_map, target_map)["pcc"][0]
+    assert pcc == pytest.approx(record["metrics"]["expl_target_pcc"], abs=1e-4)
 
 
 def test_run_says_what_it_did(tmp_path, capsys):
@@ -57,8 +81,6 @@ def test_untargeted_run_and_the_paper_preset(tmp_path, capsys):
 
 
 def test_run_leaves_the_callers_random_stream_alone(tmp_path):
-    import torch
-
     from manip_bench import experiment
 
     torch.manual_seed(7)
@@ -91,9 +113,7 @@ def test_run_with_a_target_map_and_a_gradient_method(tmp_path):
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli("run", *argv, "--out", str(out)) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert_cli_error(capsys, ["run", *argv, "--out", out], message)
     assert not out.exists()
     assert not any(tmp_path.iterdir())
 
@@ -106,15 +126,13 @@ def test_offline_pretrained_weights_are_a_clear_error(tmp_path, capsys, monkeypa
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    assert run_cli("run", "--model", "resnet18", "--out", str(tmp_path / "run")) == 2
-    err = capsys.readouterr().err
-    assert "--weights random" in err and "Traceback" not in err
+    assert_cli_error(capsys, ["run", "--model", "resnet18", "--out", tmp_path / "run"],
+                     "--weights random")
 
 
 def test_existing_nonempty_out_is_refused(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    assert run_cli("run", "--iterations", "1", "--out", str(tmp_path)) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert_cli_error(capsys, ["run", "--iterations", "1", "--out", tmp_path], "not empty")
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 

@@ -1,35 +1,36 @@
 """beta-smoothing as one model transform: every attackable method takes it, large beta = ReLU."""
-import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_net
+from helpers import assert_unchanged, seeded, snapshot
 from manip_bench import ManipBenchError, attributors, defences, models
 
 ATTACKABLE = list(attributors.GROUPS["all"])  # PatternAttribution included
+#: the beta at which a smoothed map is within 2 % of the ReLU map, where 1e4 is not enough.
+#: Measured on the test's model and input at 1e4: gradient methods <= 1.2 % apart, Zennit's LRP
+#: <= 6e-5, Captum's LRP 75 % (0.44 % at 1e6). Its epsilon of 1e-9 barely stabilises the
+#: divisions by pre-activations; softplus lifts each activation by up to log(2)/beta, which
+#: moves pre-activations near zero, and so their ratios, a lot (with epsilon 1e-3: 0.15 %).
+LARGE_BETA = {"captum.lrp": 1e6}
 
 
 def explain(name, model, x, target):
     options = {"steps": 4} if name == "captum.integrated_gradients" else {}
-    torch.manual_seed(0)
-    np.random.seed(0)
-    return attributors.create(name, model, **options)(x, target)[1].detach()
+    return seeded(lambda: attributors.create(name, model, **options)(x, target)[1], 0).detach()
 
 
 @pytest.mark.parametrize("name", ATTACKABLE)
 def test_every_method_takes_the_smoothed_model_and_large_beta_recovers_its_map(name):
     model, target = models.load("cifar_vgg"), torch.tensor([3, 5])
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     relu = explain(name, model, x, target)
-    large = explain(name, defences.beta_smooth(model, 1e4), x, target)
+    large = explain(name, defences.beta_smooth(model, LARGE_BETA.get(name, 1e4)), x, target)
     small = explain(name, defences.beta_smooth(model, 1.0), x, target)
-    if name != "captum.lrp":  # Captum's epsilon=1e-9 divides by pre-activations that
-        # softplus lifts off zero: measured 4-20 % apart at beta 1e4 on this model
-        assert (large - relu).norm() <= 5e-2 * relu.norm()
+    assert (large - relu).norm() <= 2e-2 * relu.norm()
     assert (small - relu).norm() > 1e-2 * relu.norm()  # the defence changes the map
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert_unchanged(model, before)
 
 
 def test_specs_round_trip_and_bad_values_are_refused():
@@ -44,14 +45,14 @@ def test_specs_round_trip_and_bad_values_are_refused():
 
 def test_fine_tuned_defence_swaps_in_the_zoo_weights_and_leaves_the_model_alone():
     model = models.load("cifar_vgg")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     defence = defences.parse("finetuned=cifar_vgg_robust")
     assert defence == defences.FineTuned("cifar_vgg_robust") and defence.spec == \
         "finetuned=cifar_vgg_robust" and defences.spec_of(defence) == defence.spec
     tuned = defences.apply(defence, model)
     robust = models.load("cifar_vgg_robust")
     assert all(torch.equal(v, robust.state_dict()[k]) for k, v in tuned.state_dict().items())
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
     assert defence.classifier(model, tuned) is tuned  # the fine-tuned network also classifies
     smoothed = defences.beta_smooth(model, 2)
     assert defences.BetaSmoothing(2).classifier(model, smoothed) is model  # only the map

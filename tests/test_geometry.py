@@ -11,6 +11,7 @@ from torch import nn
 from manip_bench import ManipBenchError, ManipulationAttack, cli, geometry
 from manip_bench import defences
 from conftest import tiny_net
+from helpers import assert_cli_error, assert_unchanged, snapshot
 
 BETA = 5.0
 
@@ -53,15 +54,14 @@ def test_lanczos_matches_the_dense_projected_hessian_of_a_tiny_network():
 
 def test_float32_model_in_float64_leaves_the_callers_model_alone():
     model = tiny_net().float()
-    before = {key: value.clone() for key, value in model.state_dict().items()}
+    before = snapshot(model)
     x = torch.rand(1, 3, 6, 6)
     result = geometry.principal_curvatures(model, x, k=3, beta=BETA, dtype="float64")
     twin = softplus_twin(model, BETA).double()
     expected = dense_curvatures(lambda z: twin(z)[:, result.target[0]], x.double(), 3)
     np.testing.assert_allclose(result.values[0], expected, rtol=1e-6)
-    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
-    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
-    assert all(type(m) is not geometry.attributors.SmoothReLU for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_unchanged(model, before)  # also: every parameter still requires grad, no SmoothReLU
 
 
 @pytest.mark.parametrize("dim, k", [(3, 2), (20, 4)])
@@ -274,9 +274,8 @@ def test_cli_geometry_writes_json_and_figures(tmp_path, capsys):
 
 
 def test_cli_geometry_errors(tmp_path, capsys):
-    assert cli.main(["geometry", "--k", "5000", "--betas", "5", "--out",
-                     str(tmp_path / "a")]) == 2
-    assert "k must be a whole number from 1 to 3071" in capsys.readouterr().err
+    assert_cli_error(capsys, ["geometry", "--k", "5000", "--betas", "5", "--out", tmp_path / "a"],
+                     "k must be a whole number from 1 to 3071")
     assert not (tmp_path / "a").exists()
-    assert cli.main(["geometry", "--betas", "0", "--out", str(tmp_path / "b")]) == 2
-    assert "betas must be positive" in capsys.readouterr().err
+    assert_cli_error(capsys, ["geometry", "--betas", "0", "--out", tmp_path / "b"],
+                     "betas must be positive")

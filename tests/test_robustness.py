@@ -12,22 +12,15 @@ from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
 from zennit.rules import Epsilon
 from zennit.types import Linear
 
+import helpers
+from helpers import (CAPTUM_REFERENCES, assert_cli_error, interrupted_after, relative_error,
+                     seeded)
 from manip_bench import (ManipBenchError, ManipulationRobustness, check_robustness, data, heatmaps,
-                         models)
+                         metrics, models)
 from manip_bench import manipulability
 from manip_bench.robustness import check_folder, recognise
 
 TARGET = torch.tensor([0, 3, 1])
-
-
-def seeded(fn):
-    torch.manual_seed(7)
-    np.random.seed(7)
-    return fn()
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def lrp_with_epsilon_rules(model):
@@ -37,26 +30,34 @@ def lrp_with_epsilon_rules(model):
     return captum_attr.LRP(model)
 
 
+def captum_object(name):
+    """How a user makes the Captum object behind registry name ``name``."""
+    return CAPTUM_REFERENCES[name][0]
+
+
 # (make the Captum object, attribute() arguments, registry name, options it maps to)
 CAPTUM_CASES = {
-    "saliency": (captum_attr.Saliency, {}, "captum.saliency", {"abs": True}),
-    "saliency_signed": (captum_attr.Saliency, {"abs": False}, "captum.saliency", {"abs": False}),
-    "input_x_gradient": (captum_attr.InputXGradient, {}, "captum.input_x_gradient", {}),
+    "saliency": (captum_object("captum.saliency"), {}, "captum.saliency", {"abs": True}),
+    "saliency_signed": (captum_object("captum.saliency"), {"abs": False}, "captum.saliency",
+                        {"abs": False}),
+    "input_x_gradient": (captum_object("captum.input_x_gradient"), {},
+                         "captum.input_x_gradient", {}),
     "integrated_gradients": (
-        captum_attr.IntegratedGradients,
+        captum_object("captum.integrated_gradients"),
         {"n_steps": 8, "method": "riemann_trapezoid", "baselines": 0},
         "captum.integrated_gradients", {"steps": 8, "method": "riemann_trapezoid"}),
     "integrated_gradients_default": (
-        captum_attr.IntegratedGradients, {}, "captum.integrated_gradients",
+        captum_object("captum.integrated_gradients"), {}, "captum.integrated_gradients",
         {"steps": 50, "method": "gausslegendre"}),
-    "guided_backprop": (captum_attr.GuidedBackprop, {}, "captum.guided_backprop", {}),
-    "smoothgrad": (lambda m: captum_attr.NoiseTunnel(captum_attr.Saliency(m)),
+    "guided_backprop": (captum_object("captum.guided_backprop"), {}, "captum.guided_backprop",
+                        {}),
+    "smoothgrad": (captum_object("captum.smoothgrad"),
                    {"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1},
                    "captum.smoothgrad", {"samples": 4, "stdev": 0.1}),
-    "gradient_shap": (captum_attr.GradientShap,
+    "gradient_shap": (captum_object("captum.gradient_shap"),
                       {"baselines": torch.zeros(1, 3, 16, 16), "n_samples": 4, "stdevs": 0.05},
                       "captum.gradient_shap", {"samples": 4, "stdev": 0.05}),
-    "lrp": (captum_attr.LRP, {}, "captum.lrp", {"epsilon": 1e-9}),
+    "lrp": (captum_object("captum.lrp"), {}, "captum.lrp", {"epsilon": 1e-9}),
     "lrp_epsilon_rules": (lrp_with_epsilon_rules, {}, "captum.lrp", {"epsilon": 0.01}),
 }
 
@@ -182,14 +183,10 @@ def test_explanation_only_methods_are_reported_as_not_assessable(make, plain_cnn
         check_robustness(make(plain_cnn), images, iterations=1)
 
 
-def snapshot(model, explainer):
+def user_state(model, explainer):
+    """The user's model (helpers.snapshot), explainer attributes and random states."""
     return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "types": [type(m) for m in model.modules()],
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                  for m in model.modules()],
+        "model": helpers.snapshot(model),
         "explainer": {k: v for k, v in vars(explainer).items()},
         "inner": dict(vars(getattr(explainer, "attribution_method", explainer))),
         "torch_rng": torch.get_rng_state(),
@@ -197,12 +194,9 @@ def snapshot(model, explainer):
     }
 
 
-def assert_unchanged(model, explainer, before):
-    after = snapshot(model, explainer)
-    for key in ("types", "training", "requires_grad", "hooks"):
-        assert after[key] == before[key], key
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
+def assert_user_state_unchanged(model, explainer, before):
+    helpers.assert_unchanged(model, before["model"])
+    after = user_state(model, explainer)
     for key in ("explainer", "inner"):
         assert after[key].keys() == before[key].keys()
         assert all(after[key][k] is v for k, v in before[key].items()), key
@@ -213,24 +207,17 @@ def assert_unchanged(model, explainer, before):
 def test_user_objects_unchanged_also_when_interrupted(plain_cnn, images, monkeypatch):
     plain_cnn.train()  # an unusual mode that must survive
     explainer = captum_attr.NoiseTunnel(captum_attr.Saliency(plain_cnn))
-    before = snapshot(plain_cnn, explainer)
+    before = user_state(plain_cnn, explainer)
     check_robustness(explainer, images, iterations=2, nt_samples=2, stdevs=0.1, defence="beta=5")
-    assert_unchanged(plain_cnn, explainer, before)
+    assert_user_state_unchanged(plain_cnn, explainer, before)
 
     from manip_bench.attributors.captum import NoisyAttributor
-    calls, original = {"n": 0}, NoisyAttributor.attribute
-
-    def interrupt(self, x, target):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return original(self, x, target)
-
+    interrupt = interrupted_after(4, NoisyAttributor.attribute)
     monkeypatch.setattr(NoisyAttributor, "attribute", interrupt)
     with pytest.raises(KeyboardInterrupt):
         check_robustness(explainer, images, iterations=20, nt_samples=2, stdevs=0.1)
-    assert calls["n"] > 4
-    assert_unchanged(plain_cnn, explainer, before)
+    assert interrupt.calls > 4
+    assert_user_state_unchanged(plain_cnn, explainer, before)
 
 
 def test_registry_name_targets_and_given_map(plain_cnn, images):
@@ -313,6 +300,37 @@ def test_score_follows_the_formula_where_the_attack_moves_the_map():
     assert report.to_dict()["per_sample"]["target_pcc_before"] == pytest.approx(before.tolist())
 
 
+def test_per_input_target_maps_follow_their_inputs_when_one_is_skipped(plain_cnn, images):
+    """An (N, H, W) target map: the kept inputs 0 and 2 are steered toward maps 0 and 2."""
+    predicted = plain_cnn(images).argmax(1)
+    target = predicted.clone()
+    target[1] = (target[1] + 1) % 5
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    report = check_robustness("captum.saliency", images, target.tolist(), model=plain_cnn,
+                              iterations=2, target_map=maps)
+    assert report.per_sample["input"] == [0, 2] and list(report.skipped) == [1]
+    assert report.skipped[1] == f"predicted class {int(predicted[1])} is not target " \
+                                f"{int(target[1])}"
+    assert report.per_sample["target"] == ["given", "given"]
+    expected = heatmaps.prepare_target(maps[[0, 2]], 2, (16, 16))
+    assert torch.allclose(report.result.target_map, expected)
+    before = metrics.map_similarity(report.result.original_map, expected)["pcc"]
+    assert report.per_sample["target_pcc_before"] == pytest.approx(before)
+    with pytest.raises(ManipBenchError, match=r"shape \(H, W\) or \(3, H, W\)"):
+        check_robustness("captum.saliency", images, model=plain_cnn, target_map=maps[:2])
+
+
+def test_linf_none_attacks_without_a_budget(plain_cnn, images):
+    report = check_robustness("captum.saliency", images, model=plain_cnn, iterations=3,
+                              linf=None)
+    assert report.budget["budget"] == {"norm": "none", "eps": None}
+    bounded = check_robustness("captum.saliency", images, model=plain_cnn, iterations=3,
+                               linf=1 / 255)
+    assert bounded.budget["budget"] == {"norm": "linf", "eps": pytest.approx(1 / 255)}
+    assert max(bounded.per_sample["input_linf"]) <= 1 / 255 + 1e-6
+    assert max(report.per_sample["input_linf"]) > 1 / 255  # the unbounded run went further
+
+
 def test_quantus_style_metric(plain_cnn, images):
     y = plain_cnn(images).argmax(1).numpy()
     y[2] = (y[2] + 1) % 5
@@ -338,11 +356,9 @@ def test_quantus_style_metric(plain_cnn, images):
 # --- the embedded, really trained CIFAR-10 model ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cifar():
-    model = models.load("cifar_vgg")
-    names = ("chelsea", "astronaut", "coffee", "rocket")
-    x = torch.stack([data.load_image(name, 32) for name in names])
-    return model, x
+def cifar(trained_pair):
+    model, x, x_target = trained_pair
+    return model, torch.cat([x, x_target])
 
 
 @pytest.mark.slow
@@ -350,9 +366,9 @@ def test_plain_saliency_is_highly_manipulable_and_smoothing_helps(cifar):
     model, x = cifar
     explainer = captum_attr.Saliency(model)
     labels = model(x).argmax(1)
-    before = snapshot(model, explainer)
+    before = user_state(model, explainer)
     report = check_robustness(explainer, x, target=labels, iterations=120, defence="beta=3")
-    assert_unchanged(model, explainer, before)
+    assert_user_state_unchanged(model, explainer, before)
 
     # the map attacked is the user's own Saliency map
     own = heatmaps.heatmap(explainer.attribute(x.clone(), target=labels))
@@ -405,10 +421,24 @@ def test_cli_check(tmp_path, capsys):
     assert record["method"] == "captum.saliency" and 0 <= record["score"] <= 1
     assert record["budget"]["budget"] == {"norm": "linf", "eps": 8 / 255}
     assert record["budget"]["schedule"]["name"] == "auto" and record["budget"]["iterations"] == 2
-    assert cli.main(["check", str(tmp_path / "images"), "--method", "captum.deeplift"]) == 2
-    assert "cannot be assessed" in capsys.readouterr().err
-    assert cli.main(["check", str(tmp_path / "images"), "--budget=-2/255"]) == 2
-    assert ">= 0" in capsys.readouterr().err
+    assert_cli_error(capsys, ["check", tmp_path / "images", "--method", "captum.deeplift"],
+                     "cannot be assessed")
+    assert_cli_error(capsys, ["check", tmp_path / "images", "--budget=-2/255"], ">= 0")
+
+
+def test_an_integer_target_is_every_inputs_class(cifar):
+    """The four bundled photos, target = the class of the first: the others are skipped."""
+    model, x = cifar
+    with torch.no_grad():
+        predicted = model(x).argmax(1).tolist()
+    chosen = predicted[0]
+    kept = [i for i, p in enumerate(predicted) if p == chosen]
+    assert 0 < len(kept) < len(predicted)  # the photos are of different classes
+    given = torch.rand(32, 32, generator=torch.Generator().manual_seed(3))
+    report = check_robustness("captum.saliency", x, chosen, model=model, iterations=2,
+                              target_map=given)
+    assert report.per_sample["input"] == kept and report.per_sample["class"] == [chosen] * len(kept)
+    assert sorted(report.skipped) == [i for i in range(len(predicted)) if i not in kept]
 
 
 def test_check_records_other_budgets_and_the_paper_schedule(cifar):
@@ -463,16 +493,17 @@ def test_check_runs_on_a_residual_network(make):
     model = models.load("cifar_resnet")
     x = torch.stack([data.load_image(name, 32) for name in ("chelsea", "coffee", "rocket")])
     explainer = make(model)
-    before = snapshot(model, explainer)
+    before = user_state(model, explainer)
     kwargs = {} if isinstance(explainer, captum_attr.Saliency) else {"model": model}
     report = check_robustness(explainer, x, iterations=40, **kwargs)
-    assert_unchanged(model, explainer, before)
+    assert_user_state_unchanged(model, explainer, before)
     gain = [after - start for after, start in zip(report.per_sample["target_pcc"],
                                                   report.per_sample["target_pcc_before"])]
     assert min(gain) > 0.2 and report.score > 0.5, (gain, report.score)
     assert max(report.per_sample["input_linf"]) <= 8 / 255 + 1e-6
     if "relevance_conservation" in report.result.metrics:
-        # additions canonized: total/logit 0.29-0.41 here (biases absorb some, as on the VGG:
-        # 0.24-0.75 on these images); stock Zennit without canonization gives 500-530
+        # additions canonized: total/logit 0.28, 0.37, 0.29 here (measured 2026-12-06; biases
+        # absorb some, as on the VGG: 0.24-0.75 on these images); stock Zennit without
+        # canonization gives 500-530
         ratio = report.result.metrics["relevance_conservation"]
-        assert all(0.1 < r < 2 for r in ratio), ratio
+        assert all(0.2 < r < 0.5 for r in ratio), ratio

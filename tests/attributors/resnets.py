@@ -4,6 +4,8 @@ Each ``*Net`` is a small CIFAR-style ResNet as found in user code; its ``Twin`` 
 same function with every residual addition written as a Zennit ``Sum`` module and batch
 norm merged into the preceding convolution by hand, so stock Zennit explains it properly.
 """
+from functools import partial
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -81,9 +83,11 @@ class ModuleShortcutBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """normalisation -> stem conv/bn -> three stages of one block -> pool -> linear."""
+    """normalisation -> stem conv/bn -> three stages of one block -> pool -> linear.
 
-    def __init__(self, block, normalize=True, widths=(4, 8, 8), classes=5):
+    The pooling is a function call (``F.adaptive_avg_pool2d``) unless ``pool_module``."""
+
+    def __init__(self, block, normalize=True, widths=(4, 8, 8), classes=5, pool_module=False):
         super().__init__()
         self.normalize = ShiftScale() if normalize else nn.Identity()
         self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
@@ -94,11 +98,12 @@ class SmallResNet(nn.Module):
             cin = width
         self.stages = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, classes)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool_module else partial(F.adaptive_avg_pool2d,
+                                                                          output_size=1)
 
     def forward(self, x):
         x = F.relu(self.bn(self.conv(self.normalize(x))))
-        x = F.adaptive_avg_pool2d(self.stages(x), 1)
-        return self.fc(torch.flatten(x, 1))
+        return self.fc(torch.flatten(self.pool(self.stages(x)), 1))
 
 
 def twin(model):

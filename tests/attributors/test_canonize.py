@@ -13,6 +13,7 @@ from zennit.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 from zennit.torchvision import ResNetCanonizer
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
+from helpers import assert_unchanged, relative_error, snapshot
 from manip_bench import attributors
 from manip_bench.errors import ManipBenchError
 
@@ -27,8 +28,9 @@ def build(kind):
     torch.manual_seed(0)
     if kind == "torchvision_resnet18":
         return randomise_batch_norms(torchvision.models.resnet18(num_classes=5))
-    block = {"padding_block": PaddingBlock, "shortcut_module": ModuleShortcutBlock}[kind]
-    return randomise_batch_norms(SmallResNet(block))
+    block = {"padding_block": PaddingBlock, "padding_block_pool_module": PaddingBlock,
+             "shortcut_module": ModuleShortcutBlock}[kind]
+    return randomise_batch_norms(SmallResNet(block, pool_module=kind.endswith("pool_module")))
 
 
 MODELS = ["torchvision_resnet18", "padding_block", "shortcut_module"]
@@ -105,19 +107,15 @@ def reference_map(name, kind, model, x):
     return relevance
 
 
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.mark.parametrize("name", ZENNIT_NAMES + ["captum.lrp"])
+@pytest.mark.parametrize("name", ZENNIT_NAMES)  # captum.lrp is one of them
 def test_lrp_on_residual_networks_equals_hand_canonized_zennit(name, resnet, x):
     kind, model = resnet
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     explain = attributors.create(name, model)
     output, relevance = explain(x, TARGET)
     assert relative_error(relevance.detach(), reference_map(name, kind, model, x)) <= 1e-5
     assert explain.canonical.additions == (8 if kind == "torchvision_resnet18" else 3)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert_unchanged(model, before)
     with torch.no_grad():
         assert torch.allclose(output, model(x), atol=1e-4)
 
@@ -128,12 +126,24 @@ def conservation(name, model, x, canonizers="auto"):
     return (attributors.total_relevance(relevance) / logit).detach()
 
 
-@pytest.mark.parametrize("kind", MODELS)
+POOLING_GAP = ("the pooling (F.adaptive_avg_pool2d) and the last block's ReLU (F.relu) are "
+               "calls, not modules, so neither gets a rule: pooling's gradient spreads each "
+               "channel's relevance over all positions and F.relu's gradient drops the share of "
+               "switched-off ones (stock Zennit on the hand-canonized twin too; "
+               "docs/lrp_residual.md)")
+
+
+@pytest.mark.parametrize("kind", [
+    "torchvision_resnet18", "shortcut_module", "padding_block_pool_module",
+    pytest.param("padding_block", marks=pytest.mark.xfail(strict=True, reason=POOLING_GAP))])
 def test_canonized_resnet_conserves_relevance(kind, x):
     """Biases and batch-norm shifts set to zero, so LRP-ε (tiny ε) should conserve: total
-    relevance is within 1 % of the logit on torchvision's ResNet and the shortcut-module
-    one, within 25 % on the zero-padding-shortcut one (its hand-canonized twin loses the
-    same 10-20 %, cause not yet understood), and far off (> 50 %) without canonization."""
+    relevance within 0.1 % of the logit, and far off (> 50 %) without canonization.
+
+    Measured (total relevance / logit, float32): torchvision 0.99993-0.99996, shortcut module
+    0.99990-0.99996, the padding-shortcut block with the pool as a module 0.99994-0.99999;
+    with the pool as a call 0.78 and 0.90 (see POOLING_GAP). Without canonization: 179 to
+    1e13 in size."""
     model = build(kind)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -142,8 +152,7 @@ def test_canonized_resnet_conserves_relevance(kind, x):
         elif isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
             module.bias.data.zero_()
     ratio = conservation("captum.lrp", model, x)
-    bound = 0.25 if kind == "padding_block" else 0.01
-    assert torch.allclose(ratio, torch.ones_like(ratio), atol=bound)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3), ratio
     uncanonized = conservation("captum.lrp", model, x, canonizers=None)
     assert ((uncanonized - 1).abs() > 0.5).all()
 
@@ -208,7 +217,8 @@ def test_attack_reports_conservation_and_warns_when_far_off(x):
     model = build("shortcut_module")
     attack = ManipulationAttack(model, "zennit.paper_lrp", iterations=1)
     result = attack(x, torch.rand(2, 32, 32))
-    assert all(0.5 < r < 2 for r in result.metrics["relevance_conservation"])
+    # z^B first layer and z+ with the merged batch-norm shifts as biases: measured 0.75, 1.42
+    assert all(0.65 < r < 1.6 for r in result.metrics["relevance_conservation"])
     attack = ManipulationAttack(model, "zennit.paper_lrp", iterations=1,
                                 attributor_options={"canonizers": None})
     with pytest.warns(RuntimeWarning, match="far from the target logit"):

@@ -1,10 +1,9 @@
 """Sample-based maps in chunks of samples: same map and same attack gradient as all at once."""
-import numpy as np
 import pytest
 import torch
-from captum import attr as captum_attr
 
 from conftest import tiny_net
+from helpers import captum_reference, relative_error, seeded
 from manip_bench import ManipBenchError, attributors, heatmaps
 from manip_bench.attributors.captum import AUTO_CHUNK_VALUES, AUTO_WHOLE_VALUES
 
@@ -16,16 +15,6 @@ SAMPLED = {
 }
 # chunk sizes that divide the 10 or 12 rows, that do not, one row, more than all rows
 CHUNKS = [1, 2, 3, 4, 5, 7, 64]
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def seeded(fn):
-    torch.manual_seed(5)
-    np.random.seed(5)
-    return fn()
 
 
 def attack_gradient(explain, x, target, target_map):
@@ -105,14 +94,7 @@ def test_rows_that_fit_one_chunk_are_computed_in_one_pass(name, setting):
     assert sorted(passes) == [2, rows]
 
 
-CAPTUM = {
-    "captum.integrated_gradients": lambda m, x, t: captum_attr.IntegratedGradients(m).attribute(
-        x, target=t, n_steps=7, method="riemann_trapezoid"),
-    "captum.smoothgrad": lambda m, x, t: captum_attr.NoiseTunnel(captum_attr.Saliency(m)).attribute(
-        x, target=t, nt_type="smoothgrad", nt_samples=4, stdevs=0.1),
-    "captum.gradient_shap": lambda m, x, t: captum_attr.GradientShap(m).attribute(
-        x, baselines=torch.zeros_like(x[:1]), target=t, n_samples=4, stdevs=0.1),
-}
+#: options of the sample-based methods compared with Captum chunk by chunk
 CAPTUM_OPTIONS = {
     "captum.integrated_gradients": {"steps": 7, "method": "riemann_trapezoid"},
     "captum.smoothgrad": {"samples": 4, "stdev": 0.1},
@@ -120,11 +102,11 @@ CAPTUM_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CAPTUM))
+@pytest.mark.parametrize("name", sorted(CAPTUM_OPTIONS))
 def test_chunked_map_equals_captums_own(name, plain_cnn, images):
     """Same random draws in the same order as Captum: its map, chunk by chunk."""
     target = torch.tensor([0, 3, 1])
-    expected = seeded(lambda: CAPTUM[name](plain_cnn, images.clone(), target))
+    expected = captum_reference(name, plain_cnn, images, target, **CAPTUM_OPTIONS[name])
     explain = attributors.create(name, plain_cnn, internal_batch_size=5, **CAPTUM_OPTIONS[name])
     relevance = seeded(lambda: explain(images, target)[1]).detach()
     assert relative_error(relevance, expected) <= 1e-5

@@ -4,30 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from helpers import assert_unchanged, snapshot
 from manip_bench import ManipBenchError, attributors, defences
-
-
-def snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "repr": repr(model),
-        "types": [type(m) for m in model.modules()],
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                  + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules()],
-    }
-
-
-def assert_unchanged(model, before):
-    after = snapshot(model)
-    assert after["repr"] == before["repr"]
-    assert after["types"] == before["types"]
-    assert after["training"] == before["training"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["hooks"] == before["hooks"]
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 # pattern.* need patterns estimated for the model: their contract is in tests/test_patterns.py;

@@ -1,9 +1,7 @@
 """Every adapter's map equals the stock library's own output for the same model and input."""
-import numpy as np
 import pytest
 import torch
 import torchvision
-from captum import attr as captum_attr
 from torch import nn
 from zennit import composites as zc
 from zennit.attribution import Gradient
@@ -12,6 +10,7 @@ from zennit.core import Composite
 from zennit.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 from zennit.types import Linear
 
+from helpers import CAPTUM_REFERENCES, captum_reference, relative_error, seeded
 from manip_bench import attributors
 from manip_bench.models.cifar_vgg import CifarVGG
 
@@ -24,26 +23,6 @@ def default_canonizers(model):
         isinstance(m, nn.BatchNorm2d) for m in model.modules()) else []
 
 
-def seeded(fn):
-    torch.manual_seed(7)
-    np.random.seed(7)
-    return fn()
-
-
-CAPTUM_REFERENCES = {
-    "captum.saliency": lambda m, x, t: captum_attr.Saliency(m).attribute(x, target=t),
-    "captum.input_x_gradient": lambda m, x, t: captum_attr.InputXGradient(m).attribute(x, target=t),
-    "captum.integrated_gradients": lambda m, x, t: captum_attr.IntegratedGradients(m).attribute(
-        x, target=t, n_steps=30),
-    "captum.smoothgrad": lambda m, x, t: captum_attr.NoiseTunnel(captum_attr.Saliency(m)).attribute(
-        x, target=t, nt_type="smoothgrad", nt_samples=10, stdevs=0.05),
-    "captum.gradient_shap": lambda m, x, t: captum_attr.GradientShap(m).attribute(
-        x, baselines=torch.zeros_like(x[:1]), target=t, n_samples=5, stdevs=0.0),
-    "captum.guided_backprop": lambda m, x, t: captum_attr.GuidedBackprop(m).attribute(x, target=t),
-    "captum.deconvolution": lambda m, x, t: captum_attr.Deconvolution(m).attribute(x, target=t),
-    "captum.deeplift": lambda m, x, t: captum_attr.DeepLift(m).attribute(x, target=t),
-    "captum.lrp": lambda m, x, t: captum_attr.LRP(m).attribute(x, target=t),
-}
 
 
 def zennit_reference(model, x, target, composite):
@@ -86,10 +65,6 @@ ZENNIT_REFERENCES = {
 }
 
 
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 def adapter_map(name, model, x, target):
     explain = attributors.create(name, model)
     return seeded(lambda: explain(x, target)[1]).detach()
@@ -107,7 +82,7 @@ def test_every_registry_name_has_a_reference():
 
 @pytest.mark.parametrize("name", sorted(CAPTUM_REFERENCES))
 def test_captum_adapter_matches_captum(name, plain_cnn, images):
-    expected = seeded(lambda: CAPTUM_REFERENCES[name](plain_cnn, images.clone(), TARGET))
+    expected = captum_reference(name, plain_cnn, images, TARGET)
     assert relative_error(adapter_map(name, plain_cnn, images, TARGET), expected) <= 1e-5
 
 
@@ -130,7 +105,7 @@ def test_captum_adapter_on_torchvision_vgg(name, torchvision_vgg):
     target = torch.tensor([2, 7])
     # Captum's LRP has no rule for BatchNorm's merged form; compare it on the canonized copy
     model = torchvision_vgg if name != "captum.lrp" else torchvision.models.vgg11(num_classes=10).eval()
-    expected = seeded(lambda: CAPTUM_REFERENCES[name](model, x.clone(), target))
+    expected = captum_reference(name, model, x, target)
     assert relative_error(adapter_map(name, model, x, target), expected) <= 1e-5
 
 
@@ -166,7 +141,7 @@ def test_lrp_relevance_passes_the_input_normalisation(name):
     rest = NormalisationFree(model).eval()
     low, high = model.normalize(torch.zeros(1, 3, 1, 1)), model.normalize(torch.ones(1, 3, 1, 1))
     if name == "captum.lrp":
-        expected = CAPTUM_REFERENCES[name](rest, z.clone(), target)
+        expected = captum_reference(name, rest, z, target)
     else:
         composite = ZENNIT_REFERENCES[name](rest, low=low, high=high)
         expected = zennit_reference(rest, z.clone(), target, composite)

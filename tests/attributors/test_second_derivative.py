@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_net
+from helpers import assert_unchanged, snapshot
 from manip_bench import attributors, defences
 
 # pattern.* need patterns for the model: their gradcheck is in tests/test_patterns.py;
@@ -80,8 +81,8 @@ def test_batch_norm_models_keep_correct_second_derivatives(name):
     batch_norm.running_mean.uniform_(-0.5, 0.5)
     batch_norm.running_var.uniform_(0.5, 2.0)
     nn.init.uniform_(batch_norm.weight, 0.5, 1.5)
-    before = {key: value.clone() for key, value in model.state_dict().items()}
+    before = snapshot(model)
     explain = attributors.create(name, model)
     x = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: explain(x, 1)[1], (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
-    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    assert_unchanged(model, before)

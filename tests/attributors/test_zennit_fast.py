@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import relative_error
 from manip_bench import attributors
 from manip_bench.attributors import zennit_fast
 from manip_bench.models.cifar_vgg import CifarVGG
@@ -26,10 +27,6 @@ def map_and_attack_gradient(explain, x, target):
     loss = relevance.abs().sum((1, 2, 3)).square().sum() + output.softmax(1).square().sum()
     (gradient,) = torch.autograd.grad(loss, x)
     return relevance.detach(), gradient
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("name", LRP)

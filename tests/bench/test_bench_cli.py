@@ -7,6 +7,7 @@ import pytest
 import torchvision.datasets.cifar
 
 from bench_fixtures import image_folder  # noqa: F401 - fixture
+from helpers import assert_cli_error
 from manip_bench import bench, cli, data
 from test_data import tiny_cifar10  # noqa: F401 - fixture (tests/test_data.py)
 
@@ -31,7 +32,7 @@ def test_bench_then_report(image_folder, tmp_path, capsys):  # noqa: F811
     assert cli.main(["bench", *TINY, "--pairs", str(image_folder), "--out", str(out),
                      "--budget", "4/255"]) == 2
     captured = capsys.readouterr()
-    assert "different configuration" in captured.err
+    assert "different configuration" in captured.err and captured.err.count("\n") == 1
     assert "resumes" not in captured.out  # refused before announcing a resume
     rows = bench.read_results(out)
     assert {row["budget"]["norm"] for row in rows} == {"linf"}
@@ -77,8 +78,7 @@ def test_sharded_bench_writes_its_own_file(image_folder, tmp_path, capsys):  # n
     assert cli.main([*argv, "--shard", "1/2"]) == 0
     assert "manip-bench report" in capsys.readouterr().out
     assert [p.name for p in bench.results_files(out)] == ["results-rank1-of-2.jsonl"]
-    assert cli.main(["bench", *TINY, "--shard", "0/2"]) == 2  # shards must share --out
-    assert "--out" in capsys.readouterr().err
+    assert_cli_error(capsys, ["bench", *TINY, "--shard", "0/2"], "--out")  # shards share --out
 
 
 @pytest.mark.slow
@@ -104,19 +104,16 @@ def test_smooth_command(image_folder, tmp_path):  # noqa: F811
     (["bench", "--budgets", "1/255", "--budget", "2/255"], "not both"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, capsys):
-    assert cli.main([*argv, *(["--out", str(tmp_path / "x")] if argv[0] != "report" else [])]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert_cli_error(capsys, [*argv, *(["--out", tmp_path / "x"] if argv[0] != "report" else [])],
+                     message)
 
 
 def test_csv_with_a_missing_file_names_the_row(image_folder, tmp_path, capsys):  # noqa: F811
     table = tmp_path / "pairs.csv"
     table.write_text(f"original,target\n{image_folder}/chelsea.png,{image_folder}/coffee.png\n"
                      f"{image_folder}/missing.png,{image_folder}/coffee.png\n")
-    assert cli.main(["bench", "--attributors", "captum.saliency", "--pairs", str(table),
-                     "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert "row 2" in err and "missing.png" in err and "Traceback" not in err
+    assert_cli_error(capsys, ["bench", "--attributors", "captum.saliency", "--pairs", table,
+                              "--out", tmp_path / "run"], "row 2", "missing.png")
     assert not (tmp_path / "run").exists()
 
 
@@ -143,10 +140,8 @@ def test_cifar10_absent_offline_is_one_line_and_exit_2(tmp_path, monkeypatch, ca
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
     monkeypatch.delenv(data.DATA_ROOT_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default root: empty
-    assert cli.main(["bench", "--attributors", "captum.saliency", "--pairs", "cifar10",
-                     "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    err = assert_cli_error(capsys, ["bench", "--attributors", "captum.saliency", "--pairs",
+                                    "cifar10", "--out", tmp_path / "run"])
     assert err.startswith(f"error: CIFAR-10 not found in {tmp_path / 'cache' / 'manip_bench'}")
     assert "cifar-10-batches-py" in err and torchvision.datasets.CIFAR10.url in err
     assert not (tmp_path / "run").exists()

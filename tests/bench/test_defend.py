@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench_fixtures import image_folder, interrupt_after  # noqa: F401 - fixture
+from helpers import assert_cli_error
 from manip_bench import ManipBenchError, bench, cli, data, metrics
 from manip_bench.bench import costs as costs_module
 from manip_bench.bench.defence_table import column_of
@@ -14,6 +15,15 @@ from manip_bench.bench.results import read_rows, row_key
 
 SMALL = dict(attributors="captum.saliency,pattern.attribution", betas="10",
              finetuned="cifar_vgg_robust", model="cifar_vgg", n=2, iterations=2, samples=2)
+
+
+def assert_defence_report(out):
+    """The report files of a SMALL-like defend folder are there; returns defence.md's text."""
+    for name in ("defence.md", "defence.csv", "defence.png", "costs.json"):
+        assert (out / name).stat().st_size > 0
+    text = (out / "defence.md").read_text()
+    assert "| `captum.saliency` |" in text and "Not run: pattern.attribution fine-tuned" in text
+    return text
 
 
 def test_matched_sigma_is_theorem_2_of_the_paper():
@@ -77,11 +87,7 @@ def test_defend_runs_resumes_and_reports_robustness_beside_cost(image_folder, tm
     # accuracy of the explained network, per defence, on the labelled folder
     assert 0 <= none["accuracy"] <= 1
     assert entries[("SmoothGrad (matched σ)", "β=10")]["accuracy"] == none["accuracy"]
-    for name in ("defence.md", "defence.csv", "defence.png", "costs.json"):
-        assert (out / name).stat().st_size > 0
-    text = (out / "defence.md").read_text()
-    assert "| `captum.saliency` |" in text and "Not run: pattern.attribution fine-tuned" in text
-    assert "Test accuracy" in text
+    assert "Test accuracy" in assert_defence_report(out)
     # costs are kept and reused; the same numbers come back
     stored = json.loads((out / "costs.json").read_text())
     assert costs_module.costs(out) == stored
@@ -113,7 +119,20 @@ def test_costs_compare_with_the_undefended_map_and_score_deletion(image_folder, 
 
 
 def test_cli_defend_refuses_bad_input(capsys):
-    assert cli.main(["defend", "--betas", "0", "--n", "1"]) == 2
-    assert "positive" in capsys.readouterr().err
-    assert cli.main(["defend", "--finetuned", "nope", "--n", "1"]) == 2
-    assert "no such zoo model" in capsys.readouterr().err
+    assert_cli_error(capsys, ["defend", "--betas", "0", "--n", "1"], "positive")
+    assert_cli_error(capsys, ["defend", "--finetuned", "nope", "--n", "1"], "no such zoo model")
+
+
+@pytest.mark.slow  # 57 s on the loaded 2-core machine (report, figures, costs)
+def test_cli_defend_tiny_run_writes_the_defence_table(image_folder, tmp_path, capsys):  # noqa
+    """``manip-bench defend`` end to end: one pair, one iteration, one beta."""
+    out = tmp_path / "defend"
+    assert cli.main(["defend", "--attributors", "captum.saliency,pattern.attribution",
+                     "--betas", "10", "--samples", "2", "--n", "1", "--iterations", "1",
+                     "--device", "cpu", "--pairs", str(image_folder), "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "left out: pattern.attribution fine-tuned (cifar_vgg_robust)" in printed
+    assert "6 results" in printed
+    rows = bench.read_results(out)
+    assert len(rows) == 6 and all(row["iterations"] == 1 for row in rows)
+    assert "| `pattern.attribution` |" in assert_defence_report(out)
