@@ -56,3 +56,12 @@ def test_summary_gives_each_median_its_interval_over_the_cells_pairs():
         interval = (entry["expl_target_pcc_median_lo"], entry["expl_target_pcc_median_hi"])
         assert interval == median_interval(values)
         assert interval[0] <= entry["expl_target_pcc_median"] <= interval[1]
+
+
+def test_run_records_how_far_its_one_pair_number_goes(tmp_path):
+    """``manip-bench run`` attacks one pair: its result.json says what that number can tell."""
+    from manip_bench import experiment
+    from manip_bench.bench.intervals import ONE_PAIR
+    _, out = experiment.run("captum.saliency", iterations=2, device="cpu", out=tmp_path / "run")
+    stability = experiment.read_record(out)["stability"]
+    assert stability == ONE_PAIR and "one image pair" in stability and "bench" in stability
