@@ -18,9 +18,9 @@ LEVEL = 0.95
 RESAMPLES = 2000
 
 #: what a one-pair number can and cannot say (``manip-bench run`` and its result.json)
-ONE_PAIR = ("one image pair: runs that differ only in CPU thread count move this target PCC by "
-            "a few hundredths; compare methods with manip-bench bench, whose report gives each "
-            "median with a 95 % interval over pairs")
+ONE_PAIR = ("one image pair: other pairs give other numbers (tenths apart for the same "
+            "method); compare methods with manip-bench bench, whose report gives each median "
+            "with a 95 % interval over pairs")
 
 
 def median_interval(values, level=LEVEL, resamples=RESAMPLES, seed=0):
