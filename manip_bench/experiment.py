@@ -7,6 +7,7 @@ import torch
 
 from . import data, defences, models
 from .attack import DEFAULT_PRESET, ManipulationAttack
+from .bench.intervals import ONE_PAIR
 from .errors import ManipBenchError
 from .figures import overview_figure
 from .runtime import (fresh_out_dir, move_into_place, pick_device, pick_threads,
@@ -71,7 +72,7 @@ def run(attributor="zennit.epsilon", model="cifar_vgg", weights="default", image
             "seconds": round(result.seconds, 3), "device": str(device), "threads": threads,
             "seed": seed, "original_class": classes[int(result.original_class[0])],
             "metrics": {key: values[0] for key, values in result.metrics.items()},
-            "versions": versions(),
+            "stability": ONE_PAIR, "versions": versions(),
         }
         (staging / "result.json").write_text(json.dumps(record, indent=2))
         data.save_image(result.x_adv[0], staging / "manipulated.png")

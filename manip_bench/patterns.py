@@ -36,8 +36,8 @@ number of images fits in memory, on CPU or GPU.
 Command line (any model of :mod:`manip_bench.models` and an image folder); the shipped
 ``models/cifar_vgg_patterns.pt`` was made from all 50,000 CIFAR-10 training images with::
 
-    python -m manip_bench.patterns --model cifar_vgg --weights default --threads 1 \\
-        --data ../shared/data/cifar10/train --out manip_bench/models/cifar_vgg_patterns.pt
+    manip-bench patterns ../shared/data/cifar10/train --model cifar_vgg --weights default \\
+        --threads 1 --out manip_bench/models/cifar_vgg_patterns.pt
 
 (about 5.5 minutes on one CPU thread, JPEG decoding included; ``--limit N`` takes a
 seeded random subset).
@@ -322,7 +322,7 @@ def load_patterns(path):
     path = Path(path)
     if not path.is_file():
         raise ManipBenchError(f"patterns file {str(path)!r} not found; estimate patterns with "
-                              f"python -m manip_bench.patterns")
+                              f"manip-bench patterns FOLDER --out FILE")
     try:
         patterns = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - unpickling fails in many ways, all mean the same
@@ -361,8 +361,8 @@ def check_patterns(patterns, model, source="patterns"):
                                          ("wrong shapes (patterns vs weights)", shapes)) if items]
         raise ManipBenchError(
             f"{source} do not match the model ({'; '.join(problems)}); estimate patterns for "
-            f"this model with manip_bench.patterns.estimate_patterns or python -m "
-            f"manip_bench.patterns")
+            f"this model with manip_bench.patterns.estimate_patterns or manip-bench "
+            f"patterns FOLDER --out FILE")
     bad = [name for name in layers if not torch.isfinite(patterns[name]).all()]
     if bad:
         raise ManipBenchError(f"{source}: non-finite values in {', '.join(bad[:3])}")
@@ -428,6 +428,7 @@ def estimate_folder(data, out, model="cifar_vgg", weights="default", limit=None,
 
 
 if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["patterns", *sys.argv[1:]]))
+    # The command line is the layer above this module: it is not imported from here.
+    print("python -m manip_bench.patterns is now 'manip-bench patterns FOLDER --out FILE' "
+          "(or 'python -m manip_bench patterns ...'), with the same options", file=sys.stderr)
+    sys.exit(2)

@@ -135,11 +135,11 @@ def test_tested_ranges_agree_with_setup_cfg(distribution):
     assert low <= high
 
 
-def test_tox_runs_the_lowest_and_highest_tested_captum_and_zennit():
+def test_tox_runs_the_lowest_and_highest_tested_releases():
     tox = configparser.ConfigParser(interpolation=None)
     tox.read(ROOT / "tox.ini")
     envlist = tox["tox"]["envlist"]
-    for distribution in ("captum", "zennit"):
+    for distribution in ("torch", "captum", "zennit"):
         for release in _compat.TESTED[distribution]:
             tag = distribution + release.replace(".", "")[:3]
             section = next((s for s in tox.sections() if s.startswith("testenv:")

@@ -1,11 +1,11 @@
 """Import layering: ``import manip_bench`` stays light, and the package's imports form layers.
 
-Module-level imports only: an import inside a function (or under ``if __name__ ==
-"__main__"``) runs when it is used and cannot make a cycle at import time.
+Two graphs: the imports that run at import time (module body, its if/try/with blocks) must
+form no cycle; and *every* import, inside functions and ``if __name__ == "__main__"``
+included, must point down the pipeline -- nothing below the command line imports ``cli``
+or the ``run`` experiment, lazily or not.
 """
 import ast
-import importlib.util
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,19 +47,25 @@ def test_attack_engine_does_not_import_rich():
     assert loaded == ["False"]
 
 
-def _modules():
-    """name -> source path of every module of the package."""
-    found = {PACKAGE: Path(manip_bench.__file__)}
-    for info in pkgutil.walk_packages(manip_bench.__path__, PACKAGE + "."):
-        spec = importlib.util.find_spec(info.name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            found[info.name] = Path(spec.origin)
+def _modules(root=Path(manip_bench.__file__).parent):
+    """name -> source path of every module of the package whose folder is ``root``."""
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join((PACKAGE, *parts))] = path
     return found
 
 
 def _is_main_guard(node):
     return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _every_import(tree):
+    """Every import statement, also inside functions, classes and the ``__main__`` guard."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def _module_level_imports(tree):
@@ -101,14 +107,15 @@ def _resolve(name, package, modules):
     return name or None
 
 
-def import_graph():
-    """module -> set of package modules it imports at module level."""
-    modules = _modules()
+def import_graph(modules=None, lazy=False):
+    """module -> set of package modules it imports: at module level, or anywhere (``lazy``)."""
+    modules = _modules() if modules is None else modules
+    imports = _every_import if lazy else _module_level_imports
     graph = {}
     for name, path in modules.items():
         package = _package_of(name, path)
         edges = set()
-        for node in _module_level_imports(ast.parse(path.read_text(), str(path))):
+        for node in imports(ast.parse(path.read_text(), str(path))):
             for target in _import_targets(node, package):
                 if target == PACKAGE or target.startswith(PACKAGE + "."):
                     resolved = _resolve(target, package, modules)
@@ -152,6 +159,11 @@ def find_cycle(graph):
 @pytest.fixture(scope="module")
 def graph():
     return import_graph()
+
+
+@pytest.fixture(scope="module")
+def lazy_graph():
+    return import_graph(lazy=True)
 
 
 def test_graph_sees_the_package(graph):
@@ -201,8 +213,36 @@ def test_runtime_is_a_leaf(graph):
         f"imports {sorted(graph['manip_bench.runtime'])}")
 
 
-@pytest.mark.parametrize("top", sorted(ENTRY_POINTS | {"manip_bench.experiment"}))
-def test_only_the_command_line_imports_the_top_layers(graph, top):
+TOP_LAYERS = sorted(ENTRY_POINTS | {"manip_bench.experiment"})
+
+
+def upward_imports(graph, top):
+    """The modules below the command line that import ``top``."""
     allowed = ENTRY_POINTS | {top}
-    users = sorted(name for name, edges in graph.items() if top in edges and name not in allowed)
+    return sorted(name for name, edges in graph.items() if top in edges and name not in allowed)
+
+
+@pytest.mark.parametrize("top", TOP_LAYERS)
+def test_only_the_command_line_imports_the_top_layers(lazy_graph, top):
+    """Lazy imports count: one inside a function still makes ``top`` a lower layer's utility."""
+    users = upward_imports(lazy_graph, top)
     assert not users, f"{top} is the command line's layer, but {users} import it"
+
+
+@pytest.mark.parametrize("planted, top", [
+    ("def _planted():\n    from .experiment import run_experiment\n", "manip_bench.experiment"),
+    ('if __name__ == "__main__":\n    from .cli import main\n', "manip_bench.cli"),
+    ("def _planted():\n    import manip_bench.cli\n", "manip_bench.cli"),
+])
+def test_a_planted_lazy_upward_import_is_found(tmp_path, planted, top):
+    """The check above fails on a copy of the package with one lazy upward import added."""
+    source = Path(manip_bench.__file__).parent
+    copy = tmp_path / PACKAGE
+    for path in source.rglob("*.py"):
+        (copy / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(source)).write_text(path.read_text())
+    metrics = copy / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\n\n" + planted)
+    modules = _modules(copy)
+    assert upward_imports(import_graph(modules, lazy=True), top) == ["manip_bench.metrics"]
+    assert upward_imports(import_graph(modules), top) == [], "a lazy import is not module-level"

@@ -163,7 +163,7 @@ def default_patterns(model):
     from ..patterns import load_patterns
 
     how = ("estimate patterns for it with manip_bench.patterns.estimate_patterns(model, batches) "
-           "or python -m manip_bench.patterns --data DIR --out FILE, and pass patterns=FILE")
+           "or manip-bench patterns FOLDER --out FILE, and pass patterns=FILE")
     shipped = getattr(model, "shipped_patterns", None)
     if not callable(shipped):
         raise ManipBenchError(f"pattern.attribution needs patterns for this model (they ship "

@@ -18,6 +18,7 @@ from .. import defences, manipulability
 from ..errors import ManipBenchError
 from ..threat import Budget, format_value
 from .grid import CONFIG_NAME, file_slug, load_examples, method_of
+from .intervals import median_interval
 from .results import cell_key, read_results
 from .smooth import SMOOTHGRAD
 
@@ -63,6 +64,9 @@ def group_cells(rows):
 def summarize(rows):
     """One dict per cell: identity, ``n``, seconds, and ``<metric>_median/_p10/_p90``.
 
+    ``<metric>_median_lo/_hi``: the median's bootstrap 95 % interval over the cell's pairs
+    (:func:`~manip_bench.bench.intervals.median_interval`).
+
     ``class_kept`` is summarised as ``class_kept_fraction``. Times are per image:
     ``seconds`` (the attack) and ``explain_seconds`` (one explanation), medians.
     """
@@ -92,6 +96,7 @@ def summarize(rows):
                 entry["class_kept_fraction"] = float(np.nanmean(values))
                 continue
             entry[f"{key}_median"], entry[f"{key}_p10"], entry[f"{key}_p90"] = _stats(values)
+            entry[f"{key}_median_lo"], entry[f"{key}_median_hi"] = median_interval(values)
         summary.append(entry)
     return summary
 
@@ -122,8 +127,9 @@ def _fmt(value, digits=3):
 
 
 def _spread(entry, key):
-    """``median`` over ``[p10, p90]`` on a second line (keeps the table narrow)."""
-    return (f"{_fmt(entry.get(key + '_median'))}\n"
+    """``median (95 % interval)`` over ``[p10, p90]`` on a second line (keeps the table narrow)."""
+    return (f"{_fmt(entry.get(key + '_median'))} "
+            f"({_fmt(entry.get(key + '_median_lo'), 2)}–{_fmt(entry.get(key + '_median_hi'), 2)})\n"
             f"[{_fmt(entry.get(key + '_p10'), 2)}, {_fmt(entry.get(key + '_p90'), 2)}]")
 
 
@@ -137,7 +143,7 @@ def summary_table(summary):
     models = list(dict.fromkeys(entry["model"] for entry in summary))
     from rich.table import Table  # rich only when a table is drawn
     table = Table(title=f"explanation manipulation on {', '.join(models)}: "
-                        f"median [10th, 90th percentile]")
+                        f"median (95 % interval over pairs) [10th, 90th percentile]")
     table.add_column("method", no_wrap=True)
     if len(models) > 1:
         table.add_column("model")
