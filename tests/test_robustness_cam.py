@@ -100,7 +100,7 @@ def test_grad_cam_reshape_transform_and_several_layers_are_kept(plain_cnn):
 
 @pytest.mark.parametrize("make, kwargs, match", [
     (lambda m: grad_cam.GradCAM(model=m, target_layers=[m.features[3]]),
-     {"targets": [ClassifierOutputTarget(1)] * 3}, r"target=\[c, \.\.\.\]"),
+     {"targets": [object()] * 3}, r"must be ClassifierOutputTarget\(c\) objects"),
     (lambda m: grad_cam.GradCAM(model=m, target_layers=[m.features[3]]),
      {"eigen_smooth": True}, "eigen_smooth=True is not supported"),
     (lambda m: grad_cam.GradCAM(model=m, target_layers=[m.features[3]]),
@@ -117,6 +117,20 @@ def test_grad_cam_reshape_transform_and_several_layers_are_kept(plain_cnn):
 def test_unsupported_cam_settings_are_refused(make, kwargs, match, plain_cnn, images):
     with pytest.raises(ManipBenchError, match=match):
         check_robustness(make(plain_cnn), images, iterations=1, **kwargs)
+
+
+def test_grad_cam_targets_give_the_classes_explained(plain_cnn, images):
+    """targets=[ClassifierOutputTarget(c)]: inputs not predicted as c are skipped, as with
+    target=[c, ...]; both given and different is refused."""
+    cam = grad_cam.GradCAM(model=plain_cnn, target_layers=[plain_cnn.features[3]])
+    predicted = plain_cnn(images).argmax(1).tolist()
+    classes = [predicted[0], predicted[1], (predicted[2] + 1) % 5]
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    report = check_robustness(cam, images, iterations=1, targets=targets,
+                              target_map=torch.rand(16, 16))
+    assert report.per_sample["input"] == [0, 1] and list(report.skipped) == [2]
+    with pytest.raises(ManipBenchError, match="name different classes"):
+        check_robustness(cam, images, target=predicted, iterations=1, targets=targets)
 
 
 def test_grad_cam_hooks_of_the_users_object_do_not_run_in_the_copy(plain_cnn, images):

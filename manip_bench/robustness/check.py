@@ -125,6 +125,12 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
             f"{method.source} cannot be assessed: {cls.not_attackable_reason}, so no gradient "
             f"attack can run on it (this is no evidence that it is robust). Supported: "
             f"{', '.join(SUPPORTED_CAPTUM)}; zennit {', '.join(SUPPORTED_ZENNIT)}")
+    if method.target is not None:  # pytorch-grad-cam's targets=[ClassifierOutputTarget(c)]
+        if target is not None and list(_classes(target, len(method.target), "cpu").tolist()) \
+                != list(method.target):
+            raise ManipBenchError("target= and the CAM's targets= name different classes; "
+                                  "give one of them")
+        target = method.target
     defence = defences.parse(defence)
     device = _device(method.model)
     x = _images(inputs, device)

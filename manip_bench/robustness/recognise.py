@@ -56,13 +56,15 @@ SUPPORTED_ZENNIT = ("EpsilonPlusFlat", "EpsilonPlus", "EpsilonAlpha2Beta1", "Eps
 class RecognisedMethod:
     """A recognised explanation method: registry ``name`` + ``options`` on ``model``.
 
-    ``source`` says what the user passed, with the settings that were read from it.
+    ``source`` says what the user passed, with the settings that were read from it;
+    ``target`` the classes its own call names (pytorch-grad-cam's ``targets=``), if any.
     """
 
     name: str
     options: dict
     model: nn.Module
     source: str
+    target: list = None
 
     def create(self, defence=None):
         """The differentiable attributor (on a private copy of the model, under ``defence``)."""
@@ -421,12 +423,7 @@ def _from_grad_cam(cam, model, kwargs):
         raise ManipBenchError(f"{method}: model= differs from the CAM object's model; leave "
                               f"model out (the object's own model is used)")
     args = _Arguments(method, kwargs)
-    targets = args.take("targets", None, show=False)
-    if targets is not None:
-        raise ManipBenchError(
-            f"{method}: pass the classes of targets= as check_robustness(..., target=[c, ...]) "
-            f"(the classes of your ClassifierOutputTarget(c)); the check explains the predicted "
-            f"class, as {method} does with targets=None")
+    target = _grad_cam_classes(method, args.take("targets", None, show=False))
     args.refuse("aug_smooth", (False,), "test-time augmentation has no differentiable adapter")
     args.refuse("eigen_smooth", (False,), "the SVD projection's sign is not differentiable")
     args.done()
@@ -439,7 +436,20 @@ def _from_grad_cam(cam, model, kwargs):
     shown = f"target_layers={layers!r}" + (
         ", reshape_transform=..." if cam.reshape_transform is not None else "")
     return RecognisedMethod(GRAD_CAM[method], options, cam.model,
-                            f"pytorch_grad_cam.{method}({shown})")
+                            f"pytorch_grad_cam.{method}({shown})", target)
+
+
+def _grad_cam_classes(method, targets):
+    """The classes of pytorch-grad-cam's ``targets=[ClassifierOutputTarget(c), ...]``."""
+    if targets is None:
+        return None
+    classes = [getattr(t, "category", None) for t in targets]
+    if not classes or any(not isinstance(c, int) for c in classes):
+        raise ManipBenchError(
+            f"{method}: targets= must be ClassifierOutputTarget(c) objects (one class each); "
+            "other pytorch-grad-cam targets (soft-max, regression, segmentation) have no "
+            "differentiable adapter here")
+    return classes
 
 
 def recognise(explainer, model=None, **attribute_kwargs):
@@ -460,8 +470,8 @@ def recognise(explainer, model=None, **attribute_kwargs):
         ``stdevs``, ``n_samples`` ...), with Captum's defaults when left out; for Captum's
         layer methods also ``interpolate_mode`` (how the user upsamples the layer map with
         ``LayerAttribution.interpolate``, default ``"nearest"``). pytorch-grad-cam:
-        ``aug_smooth``/``eigen_smooth`` (False only); ``targets`` is refused with a hint
-        to pass ``target=``. Registry name:
+        ``aug_smooth``/``eigen_smooth`` (False only); ``targets=[ClassifierOutputTarget(c),
+        ...]`` (their classes become ``target``). Registry name:
         the attributor's options (:func:`manip_bench.attributors.options`).
 
     Returns
