@@ -28,7 +28,7 @@ from .errors import ManipBenchError
 #: install_requires allows exactly these: ``>=lowest,<next minor after highest``
 #: (tests/test_compat.py checks that the two agree).
 TESTED = {
-    "torch": ("2.13.0", "2.15.0"),
+    "torch": ("2.12.1", "2.15.0"),
     "captum": ("0.6.0", "0.9.0"),
     "zennit": ("0.5.1", "0.5.1"),
 }
