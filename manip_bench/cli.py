@@ -29,7 +29,8 @@ def _run_parser(sub):
     p.add_argument("--attributor", default="zennit.epsilon",
                    help="registry name (see `manip-bench list`)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
-    p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
+    p.add_argument("--weights", default="default",
+                   help="default (the shipped weights) | random | PATH to a state_dict")
     p.add_argument("--image", help="image to manipulate (file or bundled photo name; default: "
                                    "the bundled photo chelsea)")
     target = p.add_mutually_exclusive_group()
@@ -41,7 +42,7 @@ def _run_parser(sub):
                    help="defence: attack the explanation of the beta-smoothed model (every ReLU "
                         "computed as softplus(beta))")
     _where_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (noise, sampling)")
     p.add_argument("--out", help="output folder (default: a new folder under ./manip-out/)")
     p.set_defaults(func=cmd_run)
 
@@ -67,7 +68,7 @@ _PRESET_HELP = (f"auto (default: budget-tied self-tuning steps) | paper (the met
                 f"from the paper, no budget unless given) | "
                 f"{' | '.join(k for k in PRESET_NAMES if k != 'auto')}")
 _LOSS_HELP = (f"what the attack does to the explanation: {' | '.join(EXPLANATION_LOSSES)} "
-              f"(default target_map; plugins may add more)")
+              f"(default: target_map; plugins may add more)")
 
 
 def _defence(beta):
@@ -92,6 +93,7 @@ def cmd_run(args):
     console = _console()
     console.print(run_table(result, out, args.model))
     console.print(read_result(result), highlight=False)
+    console.print(experiment.read_record(out)["stability"], style="dim", highlight=False)
     console.print(f"results written to [bold]{escape(str(out))}[/bold]")
 
 
@@ -313,7 +315,8 @@ def _check_parser(sub):
                                      "within an L-inf budget, optionally with beta-smoothing)")
     p.add_argument("images", help="folder of images (searched recursively, e.g. ImageFolder)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
-    p.add_argument("--weights", default="default", help="default | random | PATH to a checkpoint")
+    p.add_argument("--weights", default="default",
+                   help="default (the shipped weights) | random | PATH to a checkpoint")
     p.add_argument("--method", default="captum.saliency",
                    help="registry name (see `manip-bench list`)")
     p.add_argument("--n", type=int, default=8,
@@ -355,11 +358,12 @@ def _patterns_parser(sub):
     p.add_argument("data", help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="where to save the patterns (.pt)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
-    p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
+    p.add_argument("--weights", default="default",
+                   help="default (the shipped weights) | random | PATH to a state_dict")
     p.add_argument("--limit", type=int, help="use a seeded random subset of this many images")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--regime", choices=PATTERN_REGIMES, default="relu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (noise, sampling)")
     _where_arguments(p, threads="all cores")
     p.set_defaults(func=cmd_patterns)
 
@@ -379,7 +383,8 @@ def _geometry_parser(sub):
     p = sub.add_parser("geometry", help="principal curvatures of the explained logit's level "
                                         "sets at one image, over softplus beta")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo model name")
-    p.add_argument("--weights", default="default", help="default | random | PATH to a state_dict")
+    p.add_argument("--weights", default="default",
+                   help="default (the shipped weights) | random | PATH to a state_dict")
     p.add_argument("--image", help="image (file or bundled photo name; default: the bundled "
                                    "photo chelsea)")
     p.add_argument("--target", type=int, help="class whose logit is explained (default: the "
@@ -433,7 +438,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Help that shows each option's default, where it has one."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.default in (None, False, argparse.SUPPRESS) or flag or \
+                "default" in (action.help or ""):  # flags, and helps that name their default
             return action.help
         return super()._get_help_string(action)
 
