@@ -36,7 +36,7 @@ PATTERN_REGIMES = ("relu", "positive", "negative", "linear")
 #: built-in entries (tests/test_cli_help.py checks), plugins add to the registries
 PRESET_NAMES = ("auto", "gradient", "integrated_gradients", "lrp", "cifar10")
 EXPLANATION_LOSSES = ("center_of_mass", "target_map", "topk")
-ATTRIBUTOR_GROUPS = ("gradient", "lrp", "all")
+ATTRIBUTOR_GROUPS = ("gradient", "lrp", "cam", "transformer", "all")
 #: the ``--pairs`` value for CIFAR-10's test set, torchvision's folder of it, and the
 #: environment variable naming the folder that holds it (:mod:`manip_bench.data`)
 CIFAR10 = "cifar10"

@@ -26,7 +26,7 @@ def test_sub_command_help_does_not_import_torch():
     text = " ".join(" ".join(helps).split())
     for words in ("usage: manip-bench run", "usage: manip-bench geometry",
                   "center_of_mass | target_map | topk", "integrated_gradients | lrp | cifar10",
-                  "(gradient, lrp, all;", "cifar-10-batches-py", "$MANIP_BENCH_DATA"):
+                  "(gradient, lrp, cam, transformer, all;", "cifar-10-batches-py", "$MANIP_BENCH_DATA"):
         assert words in text, words
 
 
