@@ -98,19 +98,6 @@ def test_random_weights_are_seeded_differ_and_have_nonzero_gradients(shipped):
     assert grad.abs().amax(dim=(1, 2, 3)).min() > 0  # torchvision's zero head would give 0
 
 
-def test_state_dict_files_roundtrip(tmp_path, shipped):
-    name, _, _, model = shipped
-    state = model.state_dict()
-    torch.save({"state_dict": state}, tmp_path / "checkpoint.pt")
-    torch.save({k: v for k, v in state.items() if not k.startswith("normalize.")},
-               tmp_path / "bare.pt")
-    x = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x)
-        for file in ("checkpoint.pt", "bare.pt"):
-            assert torch.equal(models.load(name, weights=tmp_path / file)(x), expected)
-
-
 @pytest.mark.parametrize("name, attribute, arch", [("cifar_convnext", "CIFAR_CONVNEXT_WEIGHTS",
                                                    "convnext"),
                                                   ("cifar_vit", "CIFAR_VIT_WEIGHTS", "vit")])

@@ -246,18 +246,21 @@ def test_cifar_resnet_random_weights_are_seeded_and_not_the_embedded_ones(cifar_
         assert first(torch.rand(3, 3, 32, 32)).shape == (3, 10)
 
 
-def test_cifar_resnet_weights_file_roundtrip(tmp_path, cifar_resnet):
-    state = cifar_resnet.state_dict()
+@pytest.mark.parametrize("zoo_name", ["cifar_resnet", "cifar_convnext", "cifar_vit"])
+def test_embedded_weights_file_roundtrip(tmp_path, zoo_name):
+    """A state_dict, a {"state_dict": ...} checkpoint and one without the normalisation load."""
+    model = models.load(zoo_name)
+    state = model.state_dict()
     torch.save(state, tmp_path / "full.pt")
     torch.save({"state_dict": state}, tmp_path / "checkpoint.pt")
     torch.save({k: v for k, v in state.items() if not k.startswith("normalize.")},
                tmp_path / "bare.pt")
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
-        expected = cifar_resnet(x)
+        expected = model(x)
     for name in ("full.pt", "checkpoint.pt", "bare.pt"):
-        loaded = models.load("cifar_resnet", weights=tmp_path / name)
-        assert isinstance(loaded, CifarResNet) and not loaded.training
+        loaded = models.load(zoo_name, weights=tmp_path / name)
+        assert type(loaded) is type(model) and not loaded.training
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, state[key]), key
         with torch.no_grad():
