@@ -54,5 +54,7 @@ def test_the_docs_name_the_tested_releases(page, distribution):
 @pytest.mark.parametrize("page, index, block", BLOCKS,
                          ids=[_name(page, index) for page, index, _ in BLOCKS])
 def test_python_block_runs(page, index, block, tmp_path, monkeypatch):
+    """Every ```python block runs; excerpts and minutes-long recipes are fenced ```py and the
+    page says so."""
     monkeypatch.chdir(tmp_path)  # blocks that write results write them here
     exec(compile(block, _name(page, index), "exec"), {})

@@ -401,7 +401,9 @@ def test_zoo_model_is_explained_attacked_and_checked(name, method, zoo):
     # a CAM has one channel: the map the user sees
     assert relevance.shape[0] == x.shape[0] and relevance.shape[2:] == x.shape[2:]
     assert torch.isfinite(relevance).all()
-    assert (relevance.flatten(1).abs().sum(1) > 0).all()
+    # a CAM is rectified: a random network's can be all zero (and its PCC undefined)
+    rectified = method in attributors.GROUPS["cam"]
+    assert rectified or (relevance.flatten(1).abs().sum(1) > 0).all()
     scale = logits.abs().max()
     assert torch.allclose(output.detach(), logits, atol=1e-4 * scale, rtol=1e-4)
 
@@ -409,7 +411,7 @@ def test_zoo_model_is_explained_attacked_and_checked(name, method, zoo):
     result = attack(x, attack.target_maps(x.flip(0)))
     assert result.iterations == 1 and result.x_adv.shape == x.shape
     assert (result.x_adv - x).abs().max() <= 8 / 255 + 1e-6
-    assert all(math.isfinite(v) for v in result.metrics["expl_target_pcc"])
+    assert rectified or all(math.isfinite(v) for v in result.metrics["expl_target_pcc"])
 
     report = check_robustness(method, x, model=model, iterations=1, **options)
     assert (math.isnan(report.score) or 0 <= report.score <= 1)  # NaN: maps already similar
@@ -426,7 +428,7 @@ MOVES_BY = {"captum.lrp": 0.02}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", FAMILIES)
+@pytest.mark.parametrize("method", [m for m in FAMILIES if applies("cifar_vgg", m)])
 def test_the_map_of_a_trained_model_moves(method, trained_pair):
     """cifar_vgg (trained), the bundled pair, 20 iterations: every family's map moves."""
     model, x, x_target = trained_pair
