@@ -1,7 +1,8 @@
-"""Transformer LRP attack step on ViT-B/16 at 224x224 (random weights) and its baselines.
+"""Attack steps on ViT-B/16 at 224x224 (random weights) and their baselines.
 
-One attack step of ``lrp.attnlrp`` / ``lrp.cp_lrp`` (explain -> loss -> backward -> Adam
-step -> projection, :class:`steps.AttackStep`) beside the forward and the
+One attack step of ``lrp.attnlrp`` / ``lrp.cp_lrp`` and of ``captum.saliency`` (attention
+under double backprop, through the math kernel) -- explain -> loss -> backward -> Adam
+step -> projection, :class:`steps.AttackStep` -- beside the forward and the
 forward+backward of the same model and image; each benchmark's ``extra_info`` has the
 fields ``benchmarks/ratios.py`` reads, so it prints the step ÷ forward+backward ratio::
 
@@ -23,7 +24,7 @@ from torch import nn
 import steps
 
 MODEL, SIZE, BATCH = "vit_b_16", 224, 1
-NAMES = ["lrp.attnlrp", "lrp.cp_lrp"]
+NAMES = ["lrp.attnlrp", "lrp.cp_lrp", "captum.saliency"]
 
 
 @pytest.fixture(scope="module")

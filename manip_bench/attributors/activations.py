@@ -150,20 +150,6 @@ FAMILIES = (
 FAMILY_OF = {function: family for family in FAMILIES for function in family.functions}
 
 
-def family_of(function):
-    """The :class:`Family` computed by torch function ``function``, else None."""
-    return FAMILY_OF.get(function)
-
-
-def smooth(name, beta, *args, **kwargs):
-    """The beta-smooth version of family ``name`` applied to ``args`` (torch's arguments)."""
-    family = next((f for f in FAMILIES if f.name == name), None)
-    if family is None:
-        raise ManipBenchError(f"no activation family {name!r}; known: "
-                              f"{', '.join(f.name for f in FAMILIES)}")
-    return family.smooth(beta, *args, **kwargs)
-
-
 class _RuleBackward(torch.autograd.Function):
     """ReLU/softplus whose backward follows ``module.backward_rule`` while ``module.rule_active``.
 

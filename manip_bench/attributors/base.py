@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import _compat
+from .. import _compat, image_size
 from ..errors import ManipBenchError
 from .activations import (SmoothReLU, functional_relu_of,  # noqa: F401
                           install_functional_activations, rule_active)
@@ -188,10 +188,9 @@ class Attributor:
         hidden = functional_relu_of(self.model)  # a beta-smoothed model's F.relu calls
         if hidden is not None:
             self.activations.append(hidden)
-        self._relu_modules = bool(self.activations)
         #: the model computes softplus already (a beta-smoothed model, see
         #: :mod:`manip_bench.defences`): its map is differentiable as it is
-        self.smoothed = self._relu_modules and all(
+        self.smoothed = bool(self.activations) and all(
             a.smoothing is not None for a in self.activations)
         self.functional = None
         if self.needs_softplus and self.swap_relu and not self.smoothed:
@@ -289,9 +288,8 @@ class Attributor:
             try:
                 with torch.no_grad():
                     output = self.model(x[:1].detach())
-            except RuntimeError as error:
-                raise ManipBenchError(
-                    f"the model cannot take input of shape {tuple(x.shape)}: {error}") from error
+            except image_size.FORWARD_ERRORS as error:  # names the sizes the model takes
+                raise image_size.does_not_fit(self.model, x.detach(), error) from error
             if output.dim() != 2:
                 raise ManipBenchError(
                     f"the model must return logits of shape (N, classes), got {tuple(output.shape)}")

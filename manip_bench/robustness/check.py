@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import attributors, data, defences, heatmaps, image_size, manipulability, models
+from .. import attributors, data, defences, heatmaps, manipulability, models
 from ..attack import ManipulationAttack
 from ..defaults import CHECK_ITERATIONS as DEFAULT_ITERATIONS  # attack iterations
 from ..errors import ManipBenchError
@@ -140,7 +140,7 @@ def check_robustness(explainer, inputs, target=None, *, model=None, target_map=N
                           **({"schedule": "adam", "lr": lr} if lr is not None else {}))
     with private_random_state(seed, device):
         explain = method.create()
-        image_size.check_fits(explain.model, x)  # a wrong size: one clear error, no attack
+        explain.num_classes(x)  # a wrong size: one clear error, no attack
         with torch.no_grad():
             predicted = explain.model(x).argmax(1)
         classes = _classes(target, x.shape[0], device)
